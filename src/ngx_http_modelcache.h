@@ -1,0 +1,226 @@
+
+/*
+ * ngx_http_modelcache: the one private header.
+ * Types shared by the module's files, constants and cross-file prototypes.
+ */
+
+
+#ifndef _NGX_HTTP_MODELCACHE_H_INCLUDED_
+#define _NGX_HTTP_MODELCACHE_H_INCLUDED_
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+
+#define NGX_HTTP_MODELCACHE_KEY_LEN        32
+#define NGX_HTTP_MODELCACHE_KEY_HEX_LEN    (2 * NGX_HTTP_MODELCACHE_KEY_LEN)
+
+/* a strong ETag: '"' + 32 hex digits of the body's digest + '"' */
+#define NGX_HTTP_MODELCACHE_ETAG_LEN       34
+
+
+typedef enum {
+    NGX_HTTP_MODELCACHE_NONE = 0,
+    NGX_HTTP_MODELCACHE_HIT,
+    NGX_HTTP_MODELCACHE_MISS,
+    NGX_HTTP_MODELCACHE_EXPIRED,
+    NGX_HTTP_MODELCACHE_STALE,
+    NGX_HTTP_MODELCACHE_UPDATING,
+    NGX_HTTP_MODELCACHE_BYPASS,
+    NGX_HTTP_MODELCACHE_ERROR
+} ngx_http_modelcache_status_e;
+
+
+/* counters since the zone was created; they survive reloads with it */
+typedef struct {
+    ngx_atomic_t                     hits;
+    ngx_atomic_t                     misses;
+    ngx_atomic_t                     expired;
+    ngx_atomic_t                     stale;
+    ngx_atomic_t                     updating;
+    ngx_atomic_t                     bypass;
+    ngx_atomic_t                     errors;
+    ngx_atomic_t                     upstream_fetches;
+    ngx_atomic_t                     evictions;
+    ngx_atomic_t                     purged;
+    ngx_atomic_t                     lock_waits;
+} ngx_http_modelcache_counters_t;
+
+
+/* the root of a zone, in shpool->data */
+typedef struct {
+    ngx_rbtree_t                     rbtree;
+    ngx_rbtree_node_t                sentinel;
+    ngx_queue_t                      lru;          /* most recent first */
+    ngx_uint_t                       entries;
+    ngx_http_modelcache_counters_t   counters;
+} ngx_http_modelcache_sh_t;
+
+
+/*
+ * One stored entry, a single slab allocation: the struct, then the scope,
+ * the pass URI and the body.  Once linked into the tree an entry is never
+ * written again except for its LRU links, "accessed" and "pins"; a newer
+ * answer for the same key is a new entry that replaces it.
+ */
+typedef struct {
+    ngx_rbtree_node_t                node;         /* node.key: key prefix */
+    ngx_queue_t                      queue;
+    u_char                           key[NGX_HTTP_MODELCACHE_KEY_LEN];
+    u_char                           etag[NGX_HTTP_MODELCACHE_ETAG_LEN];
+    unsigned                         dead:1;       /* unlinked, not freed */
+    ngx_uint_t                       pins;
+    time_t                           fetched;
+    time_t                           expires;
+    time_t                           accessed;
+    size_t                           scope_len;
+    size_t                           pass_len;
+    size_t                           body_len;
+    u_char                          *body;
+    u_char                           data[1];
+} ngx_http_modelcache_node_t;
+
+
+/* a zone as this cycle sees it (shm_zone->data) */
+typedef struct {
+    ngx_http_modelcache_sh_t        *sh;
+    ngx_slab_pool_t                 *shpool;
+    ngx_shm_zone_t                  *shm_zone;
+    size_t                           max_entry;
+    time_t                           inactive;
+} ngx_http_modelcache_zone_t;
+
+
+typedef struct {
+    ngx_shm_zone_t                  *shm_zone;
+    ngx_str_t                        directive;
+    u_char                          *file;
+    ngx_uint_t                       line;
+} ngx_http_modelcache_zone_ref_t;
+
+
+typedef struct {
+    ngx_array_t                     *credentials;  /* the default set */
+    ngx_array_t                      zone_refs;    /* _zone_ref_t */
+} ngx_http_modelcache_main_conf_t;
+
+
+typedef struct {
+    ngx_http_complex_value_t         uri;
+    ngx_str_t                        provider;
+} ngx_http_modelcache_pass_t;
+
+
+typedef struct {
+    ngx_shm_zone_t                  *shm_zone;     /* modelcache NAME */
+    ngx_array_t                     *passes;       /* _pass_t */
+    time_t                           ttl;
+    ngx_http_complex_value_t        *scope;
+    ngx_array_t                     *credentials;  /* complex values; NULL: off */
+    ngx_flag_t                       status_header;
+
+    ngx_shm_zone_t                  *purge_zone;
+    ngx_shm_zone_t                  *stats_zone;
+
+    unsigned                         enabled_set:1;
+} ngx_http_modelcache_loc_conf_t;
+
+
+/* what a fetch subrequest brought back */
+typedef struct {
+    ngx_http_request_t              *sr;
+    ngx_int_t                        rc;           /* as finalized */
+    ngx_uint_t                       status;       /* provider's status */
+    ngx_str_t                        content_type;
+    ngx_str_t                        content_encoding;
+    ngx_str_t                        www_authenticate;
+    ngx_str_t                        retry_after;
+    off_t                            content_length;
+
+    u_char                          *body;
+    size_t                           len;
+    size_t                           size;
+
+    unsigned                         header:1;     /* provider answered */
+    unsigned                         last:1;       /* saw the last buffer */
+    unsigned                         done:1;       /* finalized */
+} ngx_http_modelcache_fetch_t;
+
+
+typedef struct {
+    ngx_http_modelcache_zone_t      *zone;
+    ngx_http_modelcache_node_t      *node;         /* pinned while serving */
+
+    u_char                           key[NGX_HTTP_MODELCACHE_KEY_LEN];
+    ngx_str_t                        pass;
+    ngx_str_t                        scope;
+
+    ngx_http_modelcache_status_e     status;
+    time_t                           age;
+
+    ngx_http_modelcache_fetch_t      fetch;
+} ngx_http_modelcache_ctx_t;
+
+
+/* stored answer to serve, from a pinned entry or from request memory */
+typedef struct {
+    u_char                          *body;
+    size_t                           len;
+    u_char                          *etag;
+    time_t                           age;
+    time_t                           max_age;
+} ngx_http_modelcache_answer_t;
+
+
+extern ngx_module_t  ngx_http_modelcache_module;
+
+
+/* zone */
+ngx_int_t ngx_http_modelcache_zone_init(ngx_shm_zone_t *shm_zone, void *data);
+ngx_http_modelcache_status_e ngx_http_modelcache_zone_lookup(
+    ngx_http_modelcache_zone_t *zone, u_char *key,
+    ngx_http_modelcache_node_t **nodep);
+void ngx_http_modelcache_zone_unpin(ngx_http_modelcache_zone_t *zone,
+    ngx_http_modelcache_node_t *node);
+ngx_int_t ngx_http_modelcache_zone_store(ngx_http_modelcache_zone_t *zone,
+    ngx_http_modelcache_ctx_t *ctx, time_t ttl, u_char *etag,
+    ngx_log_t *log);
+void ngx_http_modelcache_zone_delete(ngx_http_modelcache_zone_t *zone,
+    u_char *key);
+ngx_uint_t ngx_http_modelcache_zone_purge(ngx_http_modelcache_zone_t *zone,
+    ngx_str_t *scope, ngx_str_t *pass);
+void ngx_http_modelcache_zone_usage(ngx_http_modelcache_zone_t *zone,
+    ngx_uint_t *entries, size_t *used);
+
+/* key */
+ngx_int_t ngx_http_modelcache_key_build(ngx_http_request_t *r,
+    ngx_http_modelcache_loc_conf_t *mlcf, ngx_http_modelcache_ctx_t *ctx);
+ngx_int_t ngx_http_modelcache_key_etag(u_char *body, size_t len, u_char *etag);
+
+/* fetch */
+ngx_int_t ngx_http_modelcache_fetch_start(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx);
+ngx_int_t ngx_http_modelcache_fetch_init_filters(ngx_conf_t *cf);
+
+/* json */
+ngx_int_t ngx_http_modelcache_json_validate(u_char *body, size_t len,
+    ngx_str_t *reason, ngx_pool_t *pool);
+
+/* handler */
+ngx_int_t ngx_http_modelcache_handler(ngx_http_request_t *r);
+void ngx_http_modelcache_handler_fetched(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx);
+ngx_int_t ngx_http_modelcache_send_json_error(ngx_http_request_t *r,
+    ngx_uint_t status, const char *type, ngx_str_t *message);
+ngx_int_t ngx_http_modelcache_send_not_allowed(ngx_http_request_t *r,
+    char *allow);
+ngx_int_t ngx_http_modelcache_add_variables(ngx_conf_t *cf);
+
+/* admin handlers */
+ngx_int_t ngx_http_modelcache_purge_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_modelcache_stats_handler(ngx_http_request_t *r);
+
+
+#endif /* _NGX_HTTP_MODELCACHE_H_INCLUDED_ */

@@ -1,0 +1,703 @@
+
+/*
+ * ngx_http_modelcache_handler: the content handler of a modelcache location
+ * (lookup, fetch on a miss, what is stored and what is answered), response
+ * headers, JSON errors and the $modelcache_* variables.
+ */
+
+
+#include "ngx_http_modelcache.h"
+
+
+static ngx_int_t ngx_http_modelcache_handler_hit(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx);
+static ngx_int_t ngx_http_modelcache_handler_failed(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx);
+static ngx_int_t ngx_http_modelcache_handler_relay(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx);
+static ngx_int_t ngx_http_modelcache_handler_store(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx);
+static ngx_int_t ngx_http_modelcache_handler_upstream_error(
+    ngx_http_request_t *r, ngx_http_modelcache_ctx_t *ctx, ngx_uint_t status,
+    ngx_str_t *reason);
+static ngx_int_t ngx_http_modelcache_send_answer(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx, ngx_http_modelcache_answer_t *a);
+static ngx_int_t ngx_http_modelcache_send_body(ngx_http_request_t *r,
+    u_char *body, size_t len);
+static ngx_int_t ngx_http_modelcache_add_header(ngx_http_request_t *r,
+    const char *name, ngx_str_t *value, ngx_table_elt_t **hp);
+static ngx_int_t ngx_http_modelcache_add_status_header(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx);
+static void ngx_http_modelcache_count(ngx_http_modelcache_ctx_t *ctx);
+static void ngx_http_modelcache_unpin_cleanup(void *data);
+
+static ngx_int_t ngx_http_modelcache_variable_status(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data);
+static ngx_int_t ngx_http_modelcache_variable_age(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data);
+static ngx_int_t ngx_http_modelcache_variable_key(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data);
+
+
+static ngx_str_t  ngx_http_modelcache_status_names[] = {
+    ngx_null_string,
+    ngx_string("HIT"),
+    ngx_string("MISS"),
+    ngx_string("EXPIRED"),
+    ngx_string("STALE"),
+    ngx_string("UPDATING"),
+    ngx_string("BYPASS"),
+    ngx_string("ERROR")
+};
+
+
+static ngx_http_variable_t  ngx_http_modelcache_vars[] = {
+
+    { ngx_string("modelcache_status"), NULL,
+      ngx_http_modelcache_variable_status, 0,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("modelcache_age"), NULL,
+      ngx_http_modelcache_variable_age, 0,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("modelcache_key"), NULL,
+      ngx_http_modelcache_variable_key, 0,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+      ngx_http_null_variable
+};
+
+
+ngx_int_t
+ngx_http_modelcache_handler(ngx_http_request_t *r)
+{
+    ngx_int_t                        rc;
+    ngx_http_modelcache_ctx_t       *ctx;
+    ngx_http_modelcache_loc_conf_t  *mlcf;
+
+    if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
+        return ngx_http_modelcache_send_not_allowed(r, "GET, HEAD");
+    }
+
+    rc = ngx_http_discard_request_body(r);
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_modelcache_module);
+
+    ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_modelcache_ctx_t));
+    if (ctx == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ctx->zone = mlcf->shm_zone->data;
+    ngx_http_set_ctx(r, ctx, ngx_http_modelcache_module);
+
+    if (ngx_http_modelcache_key_build(r, mlcf, ctx) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ctx->status = ngx_http_modelcache_zone_lookup(ctx->zone, ctx->key,
+                                                  &ctx->node);
+
+    if (ctx->status == NGX_HTTP_MODELCACHE_HIT) {
+        return ngx_http_modelcache_handler_hit(r, ctx);
+    }
+
+    return ngx_http_modelcache_fetch_start(r, ctx);
+}
+
+
+/* the entry is pinned until the request's pool goes, whatever happens */
+
+static ngx_int_t
+ngx_http_modelcache_handler_hit(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx)
+{
+    time_t                         now;
+    ngx_pool_cleanup_t            *cln;
+    ngx_http_modelcache_node_t    *node;
+    ngx_http_modelcache_answer_t   a;
+
+    node = ctx->node;
+
+    cln = ngx_pool_cleanup_add(r->pool, 0);
+    if (cln == NULL) {
+        ngx_http_modelcache_zone_unpin(ctx->zone, node);
+        ctx->node = NULL;
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    cln->handler = ngx_http_modelcache_unpin_cleanup;
+    cln->data = ctx;
+
+    ngx_http_modelcache_count(ctx);
+
+    now = ngx_time();
+
+    a.body = node->body;
+    a.len = node->body_len;
+    a.etag = node->etag;
+    a.age = now - node->fetched;
+    a.max_age = node->expires - now;
+
+    return ngx_http_modelcache_send_answer(r, ctx, &a);
+}
+
+
+/* the fetch subrequest is over: decide, store, answer, finalize */
+
+void
+ngx_http_modelcache_handler_fetched(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx)
+{
+    ngx_int_t                     rc;
+    ngx_http_modelcache_fetch_t  *f;
+
+    f = &ctx->fetch;
+
+    if (!f->header
+        || f->rc == NGX_ERROR
+        || f->rc >= NGX_HTTP_SPECIAL_RESPONSE
+        || !f->last
+        || (f->content_length >= 0 && (off_t) f->len != f->content_length))
+    {
+        rc = ngx_http_modelcache_handler_failed(r, ctx);
+
+    } else if (f->status != NGX_HTTP_OK) {
+        rc = ngx_http_modelcache_handler_relay(r, ctx);
+
+    } else {
+        rc = ngx_http_modelcache_handler_store(r, ctx);
+    }
+
+    ngx_http_finalize_request(r, rc);
+}
+
+
+/* no complete answer from the provider */
+
+static ngx_int_t
+ngx_http_modelcache_handler_failed(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx)
+{
+    ngx_str_t                     reason;
+    ngx_uint_t                    status;
+    ngx_http_modelcache_fetch_t  *f;
+
+    f = &ctx->fetch;
+    status = NGX_HTTP_BAD_GATEWAY;
+
+    if (f->header) {
+        ngx_str_set(&reason, "provider connection failed during the answer");
+
+    } else if (f->rc == NGX_HTTP_GATEWAY_TIME_OUT) {
+        status = NGX_HTTP_GATEWAY_TIME_OUT;
+        ngx_str_set(&reason, "provider timed out");
+
+    } else if (f->rc == NGX_HTTP_BAD_GATEWAY || f->rc == NGX_ERROR) {
+        ngx_str_set(&reason, "provider could not be reached");
+
+    } else {
+        /* the internal location itself refused, e.g. 404 or 403 */
+        if (f->rc >= NGX_HTTP_BAD_REQUEST && f->rc < 600) {
+            status = f->rc;
+        }
+
+        ngx_str_set(&reason, "modelcache_pass location gave no answer");
+    }
+
+    return ngx_http_modelcache_handler_upstream_error(r, ctx, status,
+                                                      &reason);
+}
+
+
+/* the provider's non-200 answer goes to the client unchanged, unstored */
+
+static ngx_int_t
+ngx_http_modelcache_handler_relay(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx)
+{
+    ngx_int_t                     rc;
+    ngx_http_modelcache_fetch_t  *f;
+
+    f = &ctx->fetch;
+
+    if (f->status == NGX_HTTP_UNAUTHORIZED
+        || f->status == NGX_HTTP_FORBIDDEN)
+    {
+        /* the credentials no longer hold: what they fetched must go */
+        ngx_http_modelcache_zone_delete(ctx->zone, ctx->key);
+    }
+
+    ctx->status = NGX_HTTP_MODELCACHE_ERROR;
+    ngx_http_modelcache_count(ctx);
+
+    r->headers_out.status = f->status;
+    r->headers_out.content_type = f->content_type;
+    r->headers_out.content_type_len = f->content_type.len;
+    r->headers_out.content_length_n = f->len;
+
+    if ((f->www_authenticate.len
+         && ngx_http_modelcache_add_header(r, "WWW-Authenticate",
+                                           &f->www_authenticate, NULL)
+            != NGX_OK)
+        || (f->retry_after.len
+            && ngx_http_modelcache_add_header(r, "Retry-After",
+                                              &f->retry_after, NULL)
+               != NGX_OK)
+        || ngx_http_modelcache_add_status_header(r, ctx) != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    rc = ngx_http_send_header(r);
+
+    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
+        return rc;
+    }
+
+    if (f->len == 0) {
+        return ngx_http_send_special(r, NGX_HTTP_LAST);
+    }
+
+    return ngx_http_modelcache_send_body(r, f->body, f->len);
+}
+
+
+/* a 200: stored if it is a model list that fits, and answered */
+
+static ngx_int_t
+ngx_http_modelcache_handler_store(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx)
+{
+    u_char                           etag[NGX_HTTP_MODELCACHE_ETAG_LEN];
+    ngx_int_t                        rc;
+    ngx_str_t                        reason;
+    ngx_http_modelcache_fetch_t     *f;
+    ngx_http_modelcache_answer_t     a;
+    ngx_http_modelcache_loc_conf_t  *mlcf;
+
+    f = &ctx->fetch;
+
+    if (f->content_encoding.len
+        && !(f->content_encoding.len == 8
+             && ngx_strncasecmp(f->content_encoding.data,
+                                (u_char *) "identity", 8) == 0))
+    {
+        ngx_str_set(&reason, "provider answered with a Content-Encoding; "
+                             "set proxy_set_header Accept-Encoding \"\"");
+        return ngx_http_modelcache_handler_upstream_error(r, ctx,
+                                              NGX_HTTP_BAD_GATEWAY, &reason);
+    }
+
+    rc = ngx_http_modelcache_json_validate(f->body, f->len, &reason, r->pool);
+
+    if (rc == NGX_ERROR) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    if (rc == NGX_DECLINED) {
+        return ngx_http_modelcache_handler_upstream_error(r, ctx,
+                                              NGX_HTTP_BAD_GATEWAY, &reason);
+    }
+
+    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_modelcache_module);
+
+    if (ngx_http_modelcache_key_etag(f->body, f->len, etag) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    if (f->len > ctx->zone->max_entry) {
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "modelcache: provider answer of %uz bytes exceeds "
+                      "max_entry=%uz of zone \"%V\", not stored",
+                      f->len, ctx->zone->max_entry,
+                      &ctx->zone->shm_zone->shm.name);
+
+    } else {
+        (void) ngx_http_modelcache_zone_store(ctx->zone, ctx, mlcf->ttl,
+                                              etag, r->connection->log);
+    }
+
+    ngx_http_modelcache_count(ctx);
+
+    a.body = f->body;
+    a.len = f->len;
+    a.etag = etag;
+    a.age = 0;
+    a.max_age = mlcf->ttl;
+
+    return ngx_http_modelcache_send_answer(r, ctx, &a);
+}
+
+
+static ngx_int_t
+ngx_http_modelcache_handler_upstream_error(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx, ngx_uint_t status, ngx_str_t *reason)
+{
+    ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                  "modelcache: %V, nothing stored", reason);
+
+    ctx->status = NGX_HTTP_MODELCACHE_ERROR;
+    ngx_http_modelcache_count(ctx);
+
+    return ngx_http_modelcache_send_json_error(r, status,
+                                               "modelcache_upstream_error",
+                                               reason);
+}
+
+
+static ngx_int_t
+ngx_http_modelcache_send_answer(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx, ngx_http_modelcache_answer_t *a)
+{
+    u_char     *p;
+    ngx_int_t   rc;
+    ngx_str_t   value;
+
+    ctx->age = a->age;
+
+    r->headers_out.status = NGX_HTTP_OK;
+    ngx_str_set(&r->headers_out.content_type, "application/json");
+    r->headers_out.content_type_len = r->headers_out.content_type.len;
+    r->headers_out.content_type_lowcase = NULL;
+    r->headers_out.content_length_n = a->len;
+
+    value.data = a->etag;
+    value.len = NGX_HTTP_MODELCACHE_ETAG_LEN;
+
+    if (ngx_http_modelcache_add_header(r, "ETag", &value,
+                                       &r->headers_out.etag)
+        != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = ngx_pnalloc(r->pool, sizeof("private, max-age=") - 1 + NGX_TIME_T_LEN
+                             + NGX_TIME_T_LEN);
+    if (p == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    value.data = p;
+    value.len = ngx_sprintf(p, "private, max-age=%T",
+                            ngx_max(a->max_age, 0))
+                - p;
+    p += value.len;
+
+    if (ngx_http_modelcache_add_header(r, "Cache-Control", &value, NULL)
+        != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    value.data = p;
+    value.len = ngx_sprintf(p, "%T", ngx_max(a->age, 0)) - p;
+
+    if (ngx_http_modelcache_add_header(r, "Age", &value, NULL) != NGX_OK
+        || ngx_http_modelcache_add_status_header(r, ctx) != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    rc = ngx_http_send_header(r);
+
+    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
+        return rc;
+    }
+
+    return ngx_http_modelcache_send_body(r, a->body, a->len);
+}
+
+
+/* the body is not copied: it stays where it is (pinned shm or our pool) */
+
+static ngx_int_t
+ngx_http_modelcache_send_body(ngx_http_request_t *r, u_char *body,
+    size_t len)
+{
+    ngx_buf_t    *b;
+    ngx_chain_t   out;
+
+    b = ngx_calloc_buf(r->pool);
+    if (b == NULL) {
+        return NGX_ERROR;
+    }
+
+    b->pos = body;
+    b->last = body + len;
+    b->memory = 1;
+    b->last_buf = (r == r->main) ? 1 : 0;
+    b->last_in_chain = 1;
+
+    out.buf = b;
+    out.next = NULL;
+
+    return ngx_http_output_filter(r, &out);
+}
+
+
+ngx_int_t
+ngx_http_modelcache_send_json_error(ngx_http_request_t *r, ngx_uint_t status,
+    const char *type, ngx_str_t *message)
+{
+    u_char                     *body, *p;
+    size_t                      len, tlen;
+    ngx_int_t                   rc;
+    ngx_http_modelcache_ctx_t  *ctx;
+
+    tlen = ngx_strlen(type);
+    len = sizeof("{\"error\":{\"type\":\"\",\"message\":\"\"}}\n") - 1
+          + tlen + message->len
+          + ngx_escape_json(NULL, message->data, message->len);
+
+    body = ngx_pnalloc(r->pool, len);
+    if (body == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    r->headers_out.status = status;
+    ngx_str_set(&r->headers_out.content_type, "application/json");
+    r->headers_out.content_type_len = r->headers_out.content_type.len;
+    r->headers_out.content_type_lowcase = NULL;
+    r->headers_out.content_length_n = len;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_modelcache_module);
+
+    if (ctx && ngx_http_modelcache_add_status_header(r, ctx) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    rc = ngx_http_send_header(r);
+
+    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
+        return rc;
+    }
+
+    p = ngx_cpymem(body, "{\"error\":{\"type\":\"",
+                   sizeof("{\"error\":{\"type\":\"") - 1);
+    p = ngx_cpymem(p, type, tlen);
+    p = ngx_cpymem(p, "\",\"message\":\"", sizeof("\",\"message\":\"") - 1);
+    p = (u_char *) ngx_escape_json(p, message->data, message->len);
+    p = ngx_cpymem(p, "\"}}\n", sizeof("\"}}\n") - 1);
+
+    return ngx_http_modelcache_send_body(r, body, p - body);
+}
+
+
+ngx_int_t
+ngx_http_modelcache_send_not_allowed(ngx_http_request_t *r, char *allow)
+{
+    ngx_str_t  value, msg;
+
+    value.data = (u_char *) allow;
+    value.len = ngx_strlen(allow);
+
+    if (ngx_http_modelcache_add_header(r, "Allow", &value, NULL) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    (void) ngx_http_discard_request_body(r);
+
+    ngx_str_set(&msg, "method not allowed");
+
+    return ngx_http_modelcache_send_json_error(r, NGX_HTTP_NOT_ALLOWED,
+                                               "modelcache_method_not_allowed",
+                                               &msg);
+}
+
+
+static ngx_int_t
+ngx_http_modelcache_add_header(ngx_http_request_t *r, const char *name,
+    ngx_str_t *value, ngx_table_elt_t **hp)
+{
+    ngx_table_elt_t  *h;
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->hash = 1;
+#if (nginx_version >= 1023000)
+    h->next = NULL;
+#endif
+    h->key.data = (u_char *) name;
+    h->key.len = ngx_strlen(name);
+    h->value = *value;
+
+    if (hp) {
+        *hp = h;
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_modelcache_add_status_header(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx)
+{
+    ngx_http_modelcache_loc_conf_t  *mlcf;
+
+    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_modelcache_module);
+
+    if (!mlcf->status_header || ctx->status == NGX_HTTP_MODELCACHE_NONE) {
+        return NGX_OK;
+    }
+
+    return ngx_http_modelcache_add_header(r, "X-Modelcache-Status",
+                                   &ngx_http_modelcache_status_names[ctx->status],
+                                   NULL);
+}
+
+
+/* each request is counted once, by the status it was answered with */
+
+static void
+ngx_http_modelcache_count(ngx_http_modelcache_ctx_t *ctx)
+{
+    ngx_atomic_t                    *counter;
+    ngx_http_modelcache_counters_t  *c;
+
+    c = &ctx->zone->sh->counters;
+
+    switch (ctx->status) {
+
+    case NGX_HTTP_MODELCACHE_HIT:
+        counter = &c->hits;
+        break;
+
+    case NGX_HTTP_MODELCACHE_MISS:
+        counter = &c->misses;
+        break;
+
+    case NGX_HTTP_MODELCACHE_EXPIRED:
+        counter = &c->expired;
+        break;
+
+    case NGX_HTTP_MODELCACHE_ERROR:
+        counter = &c->errors;
+        break;
+
+    default:
+        return;
+    }
+
+    (void) ngx_atomic_fetch_add(counter, 1);
+}
+
+
+static void
+ngx_http_modelcache_unpin_cleanup(void *data)
+{
+    ngx_http_modelcache_ctx_t  *ctx = data;
+
+    if (ctx->node) {
+        ngx_http_modelcache_zone_unpin(ctx->zone, ctx->node);
+        ctx->node = NULL;
+    }
+}
+
+
+ngx_int_t
+ngx_http_modelcache_add_variables(ngx_conf_t *cf)
+{
+    ngx_http_variable_t  *var, *v;
+
+    for (v = ngx_http_modelcache_vars; v->name.len; v++) {
+        var = ngx_http_add_variable(cf, &v->name, v->flags);
+        if (var == NULL) {
+            return NGX_ERROR;
+        }
+
+        var->get_handler = v->get_handler;
+        var->data = v->data;
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_modelcache_variable_status(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data)
+{
+    ngx_http_modelcache_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_modelcache_module);
+
+    if (ctx == NULL || ctx->status == NGX_HTTP_MODELCACHE_NONE) {
+        v->not_found = 1;
+        return NGX_OK;
+    }
+
+    v->len = ngx_http_modelcache_status_names[ctx->status].len;
+    v->valid = 1;
+    v->no_cacheable = 1;
+    v->not_found = 0;
+    v->data = ngx_http_modelcache_status_names[ctx->status].data;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_modelcache_variable_age(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data)
+{
+    u_char                     *p;
+    ngx_http_modelcache_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_modelcache_module);
+
+    if (ctx == NULL || ctx->status == NGX_HTTP_MODELCACHE_NONE) {
+        v->not_found = 1;
+        return NGX_OK;
+    }
+
+    p = ngx_pnalloc(r->pool, NGX_TIME_T_LEN);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    v->len = ngx_sprintf(p, "%T", ctx->age) - p;
+    v->valid = 1;
+    v->no_cacheable = 1;
+    v->not_found = 0;
+    v->data = p;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_modelcache_variable_key(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data)
+{
+    u_char                     *p;
+    ngx_http_modelcache_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_modelcache_module);
+
+    if (ctx == NULL || ctx->status == NGX_HTTP_MODELCACHE_NONE) {
+        v->not_found = 1;
+        return NGX_OK;
+    }
+
+    p = ngx_pnalloc(r->pool, NGX_HTTP_MODELCACHE_KEY_HEX_LEN);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    v->len = ngx_hex_dump(p, ctx->key, NGX_HTTP_MODELCACHE_KEY_LEN) - p;
+    v->valid = 1;
+    v->no_cacheable = 1;
+    v->not_found = 0;
+    v->data = p;
+
+    return NGX_OK;
+}

@@ -1,0 +1,467 @@
+
+/*
+ * ngx_http_modelcache_zone: the shared-memory zone.  Init and reuse on
+ * reload, the rbtree + LRU queue, pin/unpin, allocation with eviction, purge.
+ * Everything here runs under the zone lock for tree/LRU/memcpy work only.
+ */
+
+
+#include "ngx_http_modelcache.h"
+
+
+static void ngx_http_modelcache_zone_rbtree_insert(ngx_rbtree_node_t *temp,
+    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel);
+static ngx_http_modelcache_node_t *ngx_http_modelcache_zone_find_locked(
+    ngx_http_modelcache_zone_t *zone, u_char *key);
+static void ngx_http_modelcache_zone_unlink_locked(
+    ngx_http_modelcache_zone_t *zone, ngx_http_modelcache_node_t *node);
+static void ngx_http_modelcache_zone_expire_locked(
+    ngx_http_modelcache_zone_t *zone, time_t now);
+static ngx_int_t ngx_http_modelcache_zone_evict_locked(
+    ngx_http_modelcache_zone_t *zone);
+static ngx_http_modelcache_node_t *ngx_http_modelcache_zone_alloc(
+    ngx_http_modelcache_zone_t *zone, size_t size);
+
+
+ngx_int_t
+ngx_http_modelcache_zone_init(ngx_shm_zone_t *shm_zone, void *data)
+{
+    ngx_http_modelcache_zone_t  *ozone = data;
+
+    size_t                       len;
+    ngx_http_modelcache_zone_t  *zone;
+
+    zone = shm_zone->data;
+
+    if (ozone) {
+        if (ozone->sh == NULL || ozone->shpool == NULL) {
+            ngx_log_error(NGX_LOG_ALERT, shm_zone->shm.log, 0,
+                          "modelcache zone \"%V\" cannot be reused",
+                          &shm_zone->shm.name);
+            return NGX_ERROR;
+        }
+
+        zone->sh = ozone->sh;
+        zone->shpool = ozone->shpool;
+
+        return NGX_OK;
+    }
+
+    zone->shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
+
+    if (shm_zone->shm.exists) {
+        zone->sh = zone->shpool->data;
+        return NGX_OK;
+    }
+
+    zone->sh = ngx_slab_alloc(zone->shpool, sizeof(ngx_http_modelcache_sh_t));
+    if (zone->sh == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_memzero(zone->sh, sizeof(ngx_http_modelcache_sh_t));
+
+    zone->shpool->data = zone->sh;
+
+    ngx_rbtree_init(&zone->sh->rbtree, &zone->sh->sentinel,
+                    ngx_http_modelcache_zone_rbtree_insert);
+
+    ngx_queue_init(&zone->sh->lru);
+
+    len = sizeof(" in modelcache zone \"\"") + shm_zone->shm.name.len;
+
+    zone->shpool->log_ctx = ngx_slab_alloc(zone->shpool, len);
+    if (zone->shpool->log_ctx == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_sprintf(zone->shpool->log_ctx, " in modelcache zone \"%V\"%Z",
+                &shm_zone->shm.name);
+
+    /* running out of memory is expected: we evict, and alert if that fails */
+    zone->shpool->log_nomem = 0;
+
+    return NGX_OK;
+}
+
+
+/*
+ * A fresh entry is pinned and returned (HIT): the caller serves its body
+ * straight from shared memory and unpins when the request is done.
+ */
+
+ngx_http_modelcache_status_e
+ngx_http_modelcache_zone_lookup(ngx_http_modelcache_zone_t *zone, u_char *key,
+    ngx_http_modelcache_node_t **nodep)
+{
+    time_t                        now;
+    ngx_http_modelcache_node_t   *node;
+    ngx_http_modelcache_status_e  status;
+
+    now = ngx_time();
+    status = NGX_HTTP_MODELCACHE_MISS;
+
+    ngx_shmtx_lock(&zone->shpool->mutex);
+
+    node = ngx_http_modelcache_zone_find_locked(zone, key);
+
+    if (node) {
+        node->accessed = now;
+        ngx_queue_remove(&node->queue);
+        ngx_queue_insert_head(&zone->sh->lru, &node->queue);
+
+        if (node->expires > now) {
+            node->pins++;
+            *nodep = node;
+            status = NGX_HTTP_MODELCACHE_HIT;
+
+        } else {
+            status = NGX_HTTP_MODELCACHE_EXPIRED;
+        }
+    }
+
+    ngx_shmtx_unlock(&zone->shpool->mutex);
+
+    return status;
+}
+
+
+void
+ngx_http_modelcache_zone_unpin(ngx_http_modelcache_zone_t *zone,
+    ngx_http_modelcache_node_t *node)
+{
+    ngx_shmtx_lock(&zone->shpool->mutex);
+
+    node->pins--;
+
+    if (node->dead && node->pins == 0) {
+        ngx_slab_free_locked(zone->shpool, node);
+    }
+
+    ngx_shmtx_unlock(&zone->shpool->mutex);
+}
+
+
+/*
+ * Stores ctx's fetched body under ctx's key, replacing any older entry.
+ * The new entry is filled while no other process can see it, then linked
+ * in; readers of the old one keep it pinned until they are done.
+ */
+
+ngx_int_t
+ngx_http_modelcache_zone_store(ngx_http_modelcache_zone_t *zone,
+    ngx_http_modelcache_ctx_t *ctx, time_t ttl, u_char *etag, ngx_log_t *log)
+{
+    u_char                      *p;
+    size_t                       size;
+    time_t                       now;
+    ngx_http_modelcache_node_t  *node, *old;
+
+    size = offsetof(ngx_http_modelcache_node_t, data)
+           + ctx->scope.len + ctx->pass.len + ctx->fetch.len;
+
+    node = ngx_http_modelcache_zone_alloc(zone, size);
+
+    if (node == NULL) {
+        ngx_log_error(NGX_LOG_ALERT, log, 0,
+                      "modelcache zone \"%V\" has no room for an entry of "
+                      "%uz bytes even after eviction, serving uncached",
+                      &zone->shm_zone->shm.name, size);
+        return NGX_ERROR;
+    }
+
+    now = ngx_time();
+
+    ngx_memzero(node, offsetof(ngx_http_modelcache_node_t, data));
+
+    ngx_memcpy(node->key, ctx->key, NGX_HTTP_MODELCACHE_KEY_LEN);
+    ngx_memcpy(node->etag, etag, NGX_HTTP_MODELCACHE_ETAG_LEN);
+    ngx_memcpy(&node->node.key, ctx->key, sizeof(ngx_rbtree_key_t));
+
+    node->fetched = now;
+    node->expires = now + ttl;
+    node->accessed = now;
+
+    node->scope_len = ctx->scope.len;
+    node->pass_len = ctx->pass.len;
+    node->body_len = ctx->fetch.len;
+
+    p = ngx_cpymem(node->data, ctx->scope.data, ctx->scope.len);
+    p = ngx_cpymem(p, ctx->pass.data, ctx->pass.len);
+    node->body = p;
+    ngx_memcpy(p, ctx->fetch.body, ctx->fetch.len);
+
+    ngx_shmtx_lock(&zone->shpool->mutex);
+
+    old = ngx_http_modelcache_zone_find_locked(zone, ctx->key);
+
+    if (old) {
+        ngx_http_modelcache_zone_unlink_locked(zone, old);
+    }
+
+    ngx_rbtree_insert(&zone->sh->rbtree, &node->node);
+    ngx_queue_insert_head(&zone->sh->lru, &node->queue);
+    zone->sh->entries++;
+
+    ngx_shmtx_unlock(&zone->shpool->mutex);
+
+    return NGX_OK;
+}
+
+
+void
+ngx_http_modelcache_zone_delete(ngx_http_modelcache_zone_t *zone, u_char *key)
+{
+    ngx_http_modelcache_node_t  *node;
+
+    ngx_shmtx_lock(&zone->shpool->mutex);
+
+    node = ngx_http_modelcache_zone_find_locked(zone, key);
+
+    if (node) {
+        ngx_http_modelcache_zone_unlink_locked(zone, node);
+    }
+
+    ngx_shmtx_unlock(&zone->shpool->mutex);
+}
+
+
+/* scope or pass NULL: any; returns how many entries went */
+
+ngx_uint_t
+ngx_http_modelcache_zone_purge(ngx_http_modelcache_zone_t *zone,
+    ngx_str_t *scope, ngx_str_t *pass)
+{
+    ngx_uint_t                   n;
+    ngx_queue_t                 *q, *next;
+    ngx_http_modelcache_node_t  *node;
+
+    n = 0;
+
+    ngx_shmtx_lock(&zone->shpool->mutex);
+
+    for (q = ngx_queue_head(&zone->sh->lru);
+         q != ngx_queue_sentinel(&zone->sh->lru);
+         q = next)
+    {
+        next = ngx_queue_next(q);
+        node = ngx_queue_data(q, ngx_http_modelcache_node_t, queue);
+
+        if (scope
+            && (scope->len != node->scope_len
+                || ngx_memcmp(scope->data, node->data, scope->len) != 0))
+        {
+            continue;
+        }
+
+        if (pass
+            && (pass->len != node->pass_len
+                || ngx_memcmp(pass->data, node->data + node->scope_len,
+                              pass->len)
+                   != 0))
+        {
+            continue;
+        }
+
+        ngx_http_modelcache_zone_unlink_locked(zone, node);
+        n++;
+    }
+
+    ngx_shmtx_unlock(&zone->shpool->mutex);
+
+    (void) ngx_atomic_fetch_add(&zone->sh->counters.purged, n);
+
+    return n;
+}
+
+
+void
+ngx_http_modelcache_zone_usage(ngx_http_modelcache_zone_t *zone,
+    ngx_uint_t *entries, size_t *used)
+{
+    ngx_slab_pool_t  *shpool;
+
+    shpool = zone->shpool;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    *entries = zone->sh->entries;
+    *used = (size_t) (shpool->end - (u_char *) shpool)
+            - shpool->pfree * ngx_pagesize;
+
+    ngx_shmtx_unlock(&shpool->mutex);
+}
+
+
+/*
+ * Evicts least recently used entries until the allocation fits: bounded by
+ * the number of unpinned entries, as a large body may need many small
+ * neighbours gone before enough contiguous pages are free.
+ */
+
+static ngx_http_modelcache_node_t *
+ngx_http_modelcache_zone_alloc(ngx_http_modelcache_zone_t *zone, size_t size)
+{
+    ngx_http_modelcache_node_t  *node;
+
+    ngx_shmtx_lock(&zone->shpool->mutex);
+
+    ngx_http_modelcache_zone_expire_locked(zone, ngx_time());
+
+    node = ngx_slab_alloc_locked(zone->shpool, size);
+
+    while (node == NULL
+           && ngx_http_modelcache_zone_evict_locked(zone) == NGX_OK)
+    {
+        node = ngx_slab_alloc_locked(zone->shpool, size);
+    }
+
+    ngx_shmtx_unlock(&zone->shpool->mutex);
+
+    return node;
+}
+
+
+/* drops up to a few entries unread for "inactive", oldest first */
+
+static void
+ngx_http_modelcache_zone_expire_locked(ngx_http_modelcache_zone_t *zone,
+    time_t now)
+{
+    ngx_uint_t                   n;
+    ngx_queue_t                 *q, *prev;
+    ngx_http_modelcache_node_t  *node;
+
+    n = 0;
+
+    for (q = ngx_queue_last(&zone->sh->lru);
+         q != ngx_queue_sentinel(&zone->sh->lru) && n < 8;
+         q = prev)
+    {
+        prev = ngx_queue_prev(q);
+        node = ngx_queue_data(q, ngx_http_modelcache_node_t, queue);
+
+        if (node->accessed + zone->inactive > now) {
+            return;
+        }
+
+        if (node->pins) {
+            continue;
+        }
+
+        ngx_http_modelcache_zone_unlink_locked(zone, node);
+        (void) ngx_atomic_fetch_add(&zone->sh->counters.evictions, 1);
+        n++;
+    }
+}
+
+
+/* the least recently used entry nobody is reading goes */
+
+static ngx_int_t
+ngx_http_modelcache_zone_evict_locked(ngx_http_modelcache_zone_t *zone)
+{
+    ngx_queue_t                 *q;
+    ngx_http_modelcache_node_t  *node;
+
+    for (q = ngx_queue_last(&zone->sh->lru);
+         q != ngx_queue_sentinel(&zone->sh->lru);
+         q = ngx_queue_prev(q))
+    {
+        node = ngx_queue_data(q, ngx_http_modelcache_node_t, queue);
+
+        if (node->pins == 0) {
+            ngx_http_modelcache_zone_unlink_locked(zone, node);
+            (void) ngx_atomic_fetch_add(&zone->sh->counters.evictions, 1);
+            return NGX_OK;
+        }
+    }
+
+    return NGX_DECLINED;
+}
+
+
+/* out of the tree and the LRU; freed now, or by the last unpin */
+
+static void
+ngx_http_modelcache_zone_unlink_locked(ngx_http_modelcache_zone_t *zone,
+    ngx_http_modelcache_node_t *node)
+{
+    ngx_rbtree_delete(&zone->sh->rbtree, &node->node);
+    ngx_queue_remove(&node->queue);
+    zone->sh->entries--;
+
+    node->dead = 1;
+
+    if (node->pins == 0) {
+        ngx_slab_free_locked(zone->shpool, node);
+    }
+}
+
+
+static ngx_http_modelcache_node_t *
+ngx_http_modelcache_zone_find_locked(ngx_http_modelcache_zone_t *zone,
+    u_char *key)
+{
+    ngx_int_t           rc;
+    ngx_rbtree_key_t    hash;
+    ngx_rbtree_node_t  *node, *sentinel;
+
+    ngx_memcpy(&hash, key, sizeof(ngx_rbtree_key_t));
+
+    node = zone->sh->rbtree.root;
+    sentinel = zone->sh->rbtree.sentinel;
+
+    while (node != sentinel) {
+
+        if (hash != node->key) {
+            node = (hash < node->key) ? node->left : node->right;
+            continue;
+        }
+
+        rc = ngx_memcmp(key, ((ngx_http_modelcache_node_t *) node)->key,
+                        NGX_HTTP_MODELCACHE_KEY_LEN);
+
+        if (rc == 0) {
+            return (ngx_http_modelcache_node_t *) node;
+        }
+
+        node = (rc < 0) ? node->left : node->right;
+    }
+
+    return NULL;
+}
+
+
+static void
+ngx_http_modelcache_zone_rbtree_insert(ngx_rbtree_node_t *temp,
+    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel)
+{
+    ngx_rbtree_node_t  **p;
+
+    for ( ;; ) {
+
+        if (node->key != temp->key) {
+            p = (node->key < temp->key) ? &temp->left : &temp->right;
+
+        } else {
+            p = (ngx_memcmp(((ngx_http_modelcache_node_t *) node)->key,
+                            ((ngx_http_modelcache_node_t *) temp)->key,
+                            NGX_HTTP_MODELCACHE_KEY_LEN)
+                 < 0)
+                ? &temp->left : &temp->right;
+        }
+
+        if (*p == sentinel) {
+            break;
+        }
+
+        temp = *p;
+    }
+
+    *p = node;
+    node->parent = temp;
+    node->left = sentinel;
+    node->right = sentinel;
+    ngx_rbt_red(node);
+}
