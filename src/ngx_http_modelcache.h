@@ -169,6 +169,7 @@ typedef struct {
     u_char                          *body;
     size_t                           len;
     u_char                          *etag;
+    time_t                           fetched;
     time_t                           age;
     time_t                           max_age;
 } ngx_http_modelcache_answer_t;

@@ -140,6 +140,7 @@ ngx_http_modelcache_handler_hit(ngx_http_request_t *r,
     a.body = node->body;
     a.len = node->body_len;
     a.etag = node->etag;
+    a.fetched = node->fetched;
     a.age = now - node->fetched;
     a.max_age = node->expires - now;
 
@@ -327,6 +328,7 @@ ngx_http_modelcache_handler_store(ngx_http_request_t *r,
     a.body = f->body;
     a.len = f->len;
     a.etag = etag;
+    a.fetched = ngx_time();
     a.age = 0;
     a.max_age = mlcf->ttl;
 
@@ -365,6 +367,9 @@ ngx_http_modelcache_send_answer(ngx_http_request_t *r,
     r->headers_out.content_type_len = r->headers_out.content_type.len;
     r->headers_out.content_type_lowcase = NULL;
     r->headers_out.content_length_n = a->len;
+
+    /* for nginx's not-modified filter too: If-Unmodified-Since needs it */
+    r->headers_out.last_modified_time = a->fetched;
 
     value.data = a->etag;
     value.len = NGX_HTTP_MODELCACHE_ETAG_LEN;

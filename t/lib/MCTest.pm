@@ -67,6 +67,12 @@ sub conf_text { $_[0]{conf_text} }
 sub conf_path { "$_[0]{dir}/nginx.conf" }
 sub master_pid { $_[0]{master_pid} }
 
+# a file under the test's prefix dir (a log of its own, say), or undef
+sub read_file {
+    my ($self, $name) = @_;
+    return _read_file("$self->{dir}/$name");
+}
+
 sub fixture {
     my ($self, $name) = @_;
     return _read_file("$self->{fixtures}/$name")
