@@ -99,6 +99,13 @@ static ngx_command_t  ngx_http_modelcache_commands[] = {
       offsetof(ngx_http_modelcache_loc_conf_t, status_header),
       NULL },
 
+    { ngx_string("modelcache_lock_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_modelcache_loc_conf_t, lock_timeout),
+      NULL },
+
     { ngx_string("modelcache_purge"),
       NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
       ngx_http_modelcache_admin,
@@ -216,6 +223,7 @@ ngx_http_modelcache_create_loc_conf(ngx_conf_t *cf)
     conf->ttl = NGX_CONF_UNSET;
     conf->credentials = NGX_CONF_UNSET_PTR;
     conf->status_header = NGX_CONF_UNSET;
+    conf->lock_timeout = NGX_CONF_UNSET_MSEC;
 
     return conf;
 }
@@ -236,6 +244,7 @@ ngx_http_modelcache_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_ptr_value(conf->credentials, prev->credentials,
                              mmcf->credentials);
     ngx_conf_merge_value(conf->status_header, prev->status_header, 1);
+    ngx_conf_merge_msec_value(conf->lock_timeout, prev->lock_timeout, 5000);
 
     if (conf->scope == NULL) {
         conf->scope = prev->scope;

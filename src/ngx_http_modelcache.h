@@ -49,12 +49,29 @@ typedef struct {
 } ngx_http_modelcache_counters_t;
 
 
+/* the layout of _sh_t and its nodes; a zone of another layout is not reused */
+#define NGX_HTTP_MODELCACHE_MAGIC          0x6d6f64656c630002
+
+/* how long a failed fetch's answer stays for the requests that waited */
+#define NGX_HTTP_MODELCACHE_FAILED_KEEP    2
+
+/* a failed answer larger than this is not kept for the waiters */
+#define NGX_HTTP_MODELCACHE_FAILED_MAX     65536
+
+/* the cross-worker poll of a waiting request backs off up to this (ms) */
+#define NGX_HTTP_MODELCACHE_WAIT_MAX       4
+
+
 /* the root of a zone, in shpool->data */
 typedef struct {
+    uint64_t                         magic;
     ngx_rbtree_t                     rbtree;
     ngx_rbtree_node_t                sentinel;
     ngx_queue_t                      lru;          /* most recent first */
     ngx_uint_t                       entries;
+    ngx_rbtree_t                     locks;
+    ngx_rbtree_node_t                locks_sentinel;
+    ngx_queue_t                      failed;       /* newest first */
     ngx_http_modelcache_counters_t   counters;
 } ngx_http_modelcache_sh_t;
 
@@ -81,6 +98,26 @@ typedef struct {
     u_char                          *body;
     u_char                           data[1];
 } ngx_http_modelcache_node_t;
+
+
+/*
+ * A fetch in flight for a key: one request, in any worker, owns it until
+ * the deadline; the others wait.  A failed fetch leaves its answer here for
+ * FAILED_KEEP seconds, for the requests that waited on it (same gen).
+ */
+typedef struct {
+    ngx_rbtree_node_t                node;         /* node.key: key prefix */
+    ngx_queue_t                      queue;        /* in sh->failed */
+    u_char                           key[NGX_HTTP_MODELCACHE_KEY_LEN];
+    ngx_pid_t                        owner;
+    ngx_msec_t                       deadline;
+    ngx_uint_t                       gen;
+    time_t                           failed;       /* 0: fetching */
+    ngx_uint_t                       status;
+    size_t                           type_len;
+    size_t                           body_len;
+    u_char                          *answer;       /* type, then body */
+} ngx_http_modelcache_lock_t;
 
 
 /* a zone as this cycle sees it (shm_zone->data) */
@@ -120,6 +157,7 @@ typedef struct {
     ngx_http_complex_value_t        *scope;
     ngx_array_t                     *credentials;  /* complex values; NULL: off */
     ngx_flag_t                       status_header;
+    ngx_msec_t                       lock_timeout;
 
     ngx_shm_zone_t                  *purge_zone;
     ngx_shm_zone_t                  *stats_zone;
@@ -149,6 +187,24 @@ typedef struct {
 } ngx_http_modelcache_fetch_t;
 
 
+/* an answer for the client that is not a stored list */
+typedef struct {
+    ngx_uint_t                       status;
+    ngx_str_t                        content_type;
+    ngx_str_t                        body;
+} ngx_http_modelcache_failure_t;
+
+
+typedef enum {
+    NGX_HTTP_MODELCACHE_LOCK_OWNER = 0,    /* fetch */
+    NGX_HTTP_MODELCACHE_LOCK_TAKEN,        /* fetch: the owner was too late */
+    NGX_HTTP_MODELCACHE_LOCK_BUSY,         /* another request fetches */
+    NGX_HTTP_MODELCACHE_LOCK_HIT,          /* the entry is there */
+    NGX_HTTP_MODELCACHE_LOCK_FAILED,       /* the fetch we waited on failed */
+    NGX_HTTP_MODELCACHE_LOCK_NONE          /* no room for a lock: fetch */
+} ngx_http_modelcache_lock_e;
+
+
 typedef struct {
     ngx_http_modelcache_zone_t      *zone;
     ngx_http_modelcache_node_t      *node;         /* pinned while serving */
@@ -161,6 +217,18 @@ typedef struct {
     time_t                           age;
 
     ngx_http_modelcache_fetch_t      fetch;
+
+    /* single flight: the lock we own, or the fetch we wait for */
+    ngx_uint_t                       lock_gen;
+    ngx_event_t                      wait_event;
+    ngx_queue_t                      wait_queue;   /* this worker's waiters */
+    ngx_msec_t                       wait_until;
+    ngx_msec_t                       wait_delay;
+    ngx_http_modelcache_failure_t    failure;
+
+    unsigned                         lock_owner:1;
+    unsigned                         waiting:1;
+    unsigned                         waited:1;
 } ngx_http_modelcache_ctx_t;
 
 
@@ -192,6 +260,11 @@ void ngx_http_modelcache_zone_delete(ngx_http_modelcache_zone_t *zone,
     u_char *key);
 ngx_uint_t ngx_http_modelcache_zone_purge(ngx_http_modelcache_zone_t *zone,
     ngx_str_t *scope, ngx_str_t *pass);
+ngx_http_modelcache_lock_e ngx_http_modelcache_zone_lock(
+    ngx_http_modelcache_zone_t *zone, ngx_http_modelcache_ctx_t *ctx,
+    ngx_msec_t timeout, ngx_pool_t *pool);
+void ngx_http_modelcache_zone_unlock(ngx_http_modelcache_zone_t *zone,
+    ngx_http_modelcache_ctx_t *ctx, ngx_http_modelcache_failure_t *failure);
 void ngx_http_modelcache_zone_usage(ngx_http_modelcache_zone_t *zone,
     ngx_uint_t *entries, size_t *used);
 
@@ -201,8 +274,11 @@ ngx_int_t ngx_http_modelcache_key_build(ngx_http_request_t *r,
 ngx_int_t ngx_http_modelcache_key_etag(u_char *body, size_t len, u_char *etag);
 
 /* fetch */
-ngx_int_t ngx_http_modelcache_fetch_start(ngx_http_request_t *r,
+ngx_int_t ngx_http_modelcache_fetch(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx);
+void ngx_http_modelcache_fetch_release(ngx_http_modelcache_ctx_t *ctx,
+    ngx_http_modelcache_failure_t *failure);
+void ngx_http_modelcache_fetch_cleanup(ngx_http_modelcache_ctx_t *ctx);
 ngx_int_t ngx_http_modelcache_fetch_init_filters(ngx_conf_t *cf);
 
 /* json */
@@ -211,6 +287,10 @@ ngx_int_t ngx_http_modelcache_json_validate(u_char *body, size_t len,
 
 /* handler */
 ngx_int_t ngx_http_modelcache_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_modelcache_handler_hit(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx);
+ngx_int_t ngx_http_modelcache_handler_failure(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx);
 void ngx_http_modelcache_handler_fetched(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx);
 ngx_int_t ngx_http_modelcache_send_json_error(ngx_http_request_t *r,

@@ -9,6 +9,12 @@
 #include "ngx_http_modelcache.h"
 
 
+static ngx_int_t ngx_http_modelcache_fetch_start(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx);
+static ngx_int_t ngx_http_modelcache_fetch_wait(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx);
+static void ngx_http_modelcache_fetch_wait_handler(ngx_event_t *ev);
+static void ngx_http_modelcache_fetch_wake(ngx_http_modelcache_ctx_t *ctx);
 static ngx_int_t ngx_http_modelcache_fetch_headers_in(ngx_http_request_t *sr);
 static ngx_int_t ngx_http_modelcache_fetch_done(ngx_http_request_t *sr,
     void *data, ngx_int_t rc);
@@ -27,6 +33,9 @@ static ngx_int_t ngx_http_modelcache_fetch_copy_header(ngx_http_request_t *r,
 
 static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
 static ngx_http_output_body_filter_pt    ngx_http_next_body_filter;
+
+/* this worker's requests waiting for a fetch, woken when one of ours ends */
+static ngx_queue_t                       ngx_http_modelcache_waiters;
 
 
 /* request headers the provider must not see: we want its whole 200 */
@@ -55,7 +64,191 @@ ngx_http_modelcache_fetch_init_filters(ngx_conf_t *cf)
 }
 
 
+/*
+ * A miss: fetch, or wait for the request that already does (single flight
+ * across workers); NGX_DONE while the request is left pending.
+ */
+
 ngx_int_t
+ngx_http_modelcache_fetch(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx)
+{
+    ngx_http_modelcache_loc_conf_t  *mlcf;
+
+    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_modelcache_module);
+
+    switch (ngx_http_modelcache_zone_lock(ctx->zone, ctx, mlcf->lock_timeout,
+                                          r->pool))
+    {
+    case NGX_HTTP_MODELCACHE_LOCK_HIT:
+        ctx->status = NGX_HTTP_MODELCACHE_HIT;
+        return ngx_http_modelcache_handler_hit(r, ctx);
+
+    case NGX_HTTP_MODELCACHE_LOCK_FAILED:
+        return ngx_http_modelcache_handler_failure(r, ctx);
+
+    case NGX_HTTP_MODELCACHE_LOCK_BUSY:
+
+        if (!ctx->waited
+            || (ngx_msec_int_t) (ctx->wait_until - ngx_current_msec) > 0)
+        {
+            return ngx_http_modelcache_fetch_wait(r, ctx);
+        }
+
+        /* fall through */
+
+    case NGX_HTTP_MODELCACHE_LOCK_TAKEN:
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "modelcache: lock timeout, fetching for this request");
+        break;
+
+    default: /* OWNER, NONE */
+        break;
+    }
+
+    return ngx_http_modelcache_fetch_start(r, ctx);
+}
+
+
+/*
+ * Waiters in the owner's worker are woken when its fetch ends; the others
+ * poll the zone, backing off from 1 ms to WAIT_MAX ms.
+ */
+
+static ngx_int_t
+ngx_http_modelcache_fetch_wait(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx)
+{
+    ngx_http_modelcache_loc_conf_t  *mlcf;
+
+    if (!ctx->waited) {
+        mlcf = ngx_http_get_module_loc_conf(r, ngx_http_modelcache_module);
+
+        ctx->waited = 1;
+        ctx->wait_until = ngx_current_msec + mlcf->lock_timeout;
+        ctx->wait_delay = 1;
+
+        ctx->wait_event.handler = ngx_http_modelcache_fetch_wait_handler;
+        ctx->wait_event.data = r;
+        ctx->wait_event.log = r->connection->log;
+
+        (void) ngx_atomic_fetch_add(&ctx->zone->sh->counters.lock_waits, 1);
+
+    } else {
+        ctx->wait_delay = ngx_min(ctx->wait_delay * 2,
+                                  NGX_HTTP_MODELCACHE_WAIT_MAX);
+    }
+
+    if (ngx_http_modelcache_waiters.next == NULL) {
+        ngx_queue_init(&ngx_http_modelcache_waiters);
+    }
+
+    ngx_queue_insert_tail(&ngx_http_modelcache_waiters, &ctx->wait_queue);
+    ctx->waiting = 1;
+
+    ngx_add_timer(&ctx->wait_event, ctx->wait_delay);
+
+    /* paired with the NGX_DONE below; the wait handler finalizes */
+    r->main->count++;
+
+    return NGX_DONE;
+}
+
+
+static void
+ngx_http_modelcache_fetch_wait_handler(ngx_event_t *ev)
+{
+    ngx_int_t                   rc;
+    ngx_connection_t           *c;
+    ngx_http_request_t         *r;
+    ngx_http_modelcache_ctx_t  *ctx;
+
+    r = ev->data;
+    c = r->connection;
+    ctx = ngx_http_get_module_ctx(r, ngx_http_modelcache_module);
+
+    ngx_http_set_log_request(c->log, r);
+
+    ngx_queue_remove(&ctx->wait_queue);
+    ctx->waiting = 0;
+
+    rc = ngx_http_modelcache_fetch(r, ctx);
+
+    ngx_http_finalize_request(r, rc);
+    ngx_http_run_posted_requests(c);
+}
+
+
+/* the fetch this request owned is over: release the key, wake our waiters */
+
+void
+ngx_http_modelcache_fetch_release(ngx_http_modelcache_ctx_t *ctx,
+    ngx_http_modelcache_failure_t *failure)
+{
+    if (!ctx->lock_owner) {
+        return;
+    }
+
+    ngx_http_modelcache_zone_unlock(ctx->zone, ctx, failure);
+    ngx_http_modelcache_fetch_wake(ctx);
+}
+
+
+static void
+ngx_http_modelcache_fetch_wake(ngx_http_modelcache_ctx_t *ctx)
+{
+    ngx_queue_t                *q;
+    ngx_http_modelcache_ctx_t  *w;
+
+    if (ngx_http_modelcache_waiters.next == NULL) {
+        return;
+    }
+
+    for (q = ngx_queue_head(&ngx_http_modelcache_waiters);
+         q != ngx_queue_sentinel(&ngx_http_modelcache_waiters);
+         q = ngx_queue_next(q))
+    {
+        w = ngx_queue_data(q, ngx_http_modelcache_ctx_t, wait_queue);
+
+        if (w->zone != ctx->zone
+            || ngx_memcmp(w->key, ctx->key, NGX_HTTP_MODELCACHE_KEY_LEN) != 0)
+        {
+            continue;
+        }
+
+        if (w->wait_event.timer_set) {
+            ngx_del_timer(&w->wait_event);
+        }
+
+        ngx_post_event(&w->wait_event, &ngx_posted_events);
+    }
+}
+
+
+/* the request is going away, whatever state it was in */
+
+void
+ngx_http_modelcache_fetch_cleanup(ngx_http_modelcache_ctx_t *ctx)
+{
+    if (ctx->waiting) {
+        ngx_queue_remove(&ctx->wait_queue);
+        ctx->waiting = 0;
+    }
+
+    if (ctx->wait_event.timer_set) {
+        ngx_del_timer(&ctx->wait_event);
+    }
+
+    if (ctx->wait_event.posted) {
+        ngx_delete_posted_event(&ctx->wait_event);
+    }
+
+    /* a fetch that will never be answered: let a waiter take over now */
+    ngx_http_modelcache_fetch_release(ctx, NULL);
+}
+
+
+static ngx_int_t
 ngx_http_modelcache_fetch_start(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx)
 {

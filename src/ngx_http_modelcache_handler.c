@@ -9,8 +9,6 @@
 #include "ngx_http_modelcache.h"
 
 
-static ngx_int_t ngx_http_modelcache_handler_hit(ngx_http_request_t *r,
-    ngx_http_modelcache_ctx_t *ctx);
 static ngx_int_t ngx_http_modelcache_handler_failed(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx);
 static ngx_int_t ngx_http_modelcache_handler_relay(ngx_http_request_t *r,
@@ -20,6 +18,8 @@ static ngx_int_t ngx_http_modelcache_handler_store(ngx_http_request_t *r,
 static ngx_int_t ngx_http_modelcache_handler_upstream_error(
     ngx_http_request_t *r, ngx_http_modelcache_ctx_t *ctx, ngx_uint_t status,
     ngx_str_t *reason);
+static ngx_int_t ngx_http_modelcache_json_error_body(ngx_http_request_t *r,
+    const char *type, ngx_str_t *message, ngx_str_t *body);
 static ngx_int_t ngx_http_modelcache_send_answer(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx, ngx_http_modelcache_answer_t *a);
 static ngx_int_t ngx_http_modelcache_send_body(ngx_http_request_t *r,
@@ -29,7 +29,7 @@ static ngx_int_t ngx_http_modelcache_add_header(ngx_http_request_t *r,
 static ngx_int_t ngx_http_modelcache_add_status_header(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx);
 static void ngx_http_modelcache_count(ngx_http_modelcache_ctx_t *ctx);
-static void ngx_http_modelcache_unpin_cleanup(void *data);
+static void ngx_http_modelcache_ctx_cleanup(void *data);
 
 static ngx_int_t ngx_http_modelcache_variable_status(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
@@ -73,6 +73,7 @@ ngx_int_t
 ngx_http_modelcache_handler(ngx_http_request_t *r)
 {
     ngx_int_t                        rc;
+    ngx_pool_cleanup_t              *cln;
     ngx_http_modelcache_ctx_t       *ctx;
     ngx_http_modelcache_loc_conf_t  *mlcf;
 
@@ -93,6 +94,16 @@ ngx_http_modelcache_handler(ngx_http_request_t *r)
     }
 
     ctx->zone = mlcf->shm_zone->data;
+
+    /* whatever happens to the request: unpin, stop waiting, release */
+    cln = ngx_pool_cleanup_add(r->pool, 0);
+    if (cln == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    cln->handler = ngx_http_modelcache_ctx_cleanup;
+    cln->data = ctx;
+
     ngx_http_set_ctx(r, ctx, ngx_http_modelcache_module);
 
     if (ngx_http_modelcache_key_build(r, mlcf, ctx) != NGX_OK) {
@@ -106,32 +117,21 @@ ngx_http_modelcache_handler(ngx_http_request_t *r)
         return ngx_http_modelcache_handler_hit(r, ctx);
     }
 
-    return ngx_http_modelcache_fetch_start(r, ctx);
+    return ngx_http_modelcache_fetch(r, ctx);
 }
 
 
-/* the entry is pinned until the request's pool goes, whatever happens */
+/* ctx->node is pinned until the request's pool goes */
 
-static ngx_int_t
+ngx_int_t
 ngx_http_modelcache_handler_hit(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx)
 {
     time_t                         now;
-    ngx_pool_cleanup_t            *cln;
     ngx_http_modelcache_node_t    *node;
     ngx_http_modelcache_answer_t   a;
 
     node = ctx->node;
-
-    cln = ngx_pool_cleanup_add(r->pool, 0);
-    if (cln == NULL) {
-        ngx_http_modelcache_zone_unpin(ctx->zone, node);
-        ctx->node = NULL;
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    cln->handler = ngx_http_modelcache_unpin_cleanup;
-    cln->data = ctx;
 
     ngx_http_modelcache_count(ctx);
 
@@ -221,7 +221,6 @@ static ngx_int_t
 ngx_http_modelcache_handler_relay(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx)
 {
-    ngx_int_t                     rc;
     ngx_http_modelcache_fetch_t  *f;
 
     f = &ctx->fetch;
@@ -233,13 +232,10 @@ ngx_http_modelcache_handler_relay(ngx_http_request_t *r,
         ngx_http_modelcache_zone_delete(ctx->zone, ctx->key);
     }
 
-    ctx->status = NGX_HTTP_MODELCACHE_ERROR;
-    ngx_http_modelcache_count(ctx);
-
-    r->headers_out.status = f->status;
-    r->headers_out.content_type = f->content_type;
-    r->headers_out.content_type_len = f->content_type.len;
-    r->headers_out.content_length_n = f->len;
+    ctx->failure.status = f->status;
+    ctx->failure.content_type = f->content_type;
+    ctx->failure.body.data = f->body;
+    ctx->failure.body.len = f->len;
 
     if ((f->www_authenticate.len
          && ngx_http_modelcache_add_header(r, "WWW-Authenticate",
@@ -248,9 +244,38 @@ ngx_http_modelcache_handler_relay(ngx_http_request_t *r,
         || (f->retry_after.len
             && ngx_http_modelcache_add_header(r, "Retry-After",
                                               &f->retry_after, NULL)
-               != NGX_OK)
-        || ngx_http_modelcache_add_status_header(r, ctx) != NGX_OK)
+               != NGX_OK))
     {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ngx_http_modelcache_fetch_release(ctx, &ctx->failure);
+
+    return ngx_http_modelcache_handler_failure(r, ctx);
+}
+
+
+/* ctx->failure: the owner's, or the one a waiter was handed */
+
+ngx_int_t
+ngx_http_modelcache_handler_failure(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx)
+{
+    ngx_int_t                       rc;
+    ngx_http_modelcache_failure_t  *fl;
+
+    fl = &ctx->failure;
+
+    ctx->status = NGX_HTTP_MODELCACHE_ERROR;
+    ngx_http_modelcache_count(ctx);
+
+    r->headers_out.status = fl->status;
+    r->headers_out.content_type = fl->content_type;
+    r->headers_out.content_type_len = fl->content_type.len;
+    r->headers_out.content_type_lowcase = NULL;
+    r->headers_out.content_length_n = fl->body.len;
+
+    if (ngx_http_modelcache_add_status_header(r, ctx) != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
@@ -260,11 +285,11 @@ ngx_http_modelcache_handler_relay(ngx_http_request_t *r,
         return rc;
     }
 
-    if (f->len == 0) {
+    if (fl->body.len == 0) {
         return ngx_http_send_special(r, NGX_HTTP_LAST);
     }
 
-    return ngx_http_modelcache_send_body(r, f->body, f->len);
+    return ngx_http_modelcache_send_body(r, fl->body.data, fl->body.len);
 }
 
 
@@ -317,11 +342,15 @@ ngx_http_modelcache_handler_store(ngx_http_request_t *r,
                       "max_entry=%uz of zone \"%V\", not stored",
                       f->len, ctx->zone->max_entry,
                       &ctx->zone->shm_zone->shm.name);
+        rc = NGX_DECLINED;
 
     } else {
-        (void) ngx_http_modelcache_zone_store(ctx->zone, ctx, mlcf->ttl,
-                                              etag, r->connection->log);
+        rc = ngx_http_modelcache_zone_store(ctx->zone, ctx, mlcf->ttl, etag,
+                                            r->connection->log);
     }
+
+    /* not stored: no answer to hand over, the waiters fetch for themselves */
+    ngx_http_modelcache_fetch_release(ctx, rc == NGX_OK ? NULL : &ctx->failure);
 
     ngx_http_modelcache_count(ctx);
 
@@ -343,12 +372,19 @@ ngx_http_modelcache_handler_upstream_error(ngx_http_request_t *r,
     ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
                   "modelcache: %V, nothing stored", reason);
 
-    ctx->status = NGX_HTTP_MODELCACHE_ERROR;
-    ngx_http_modelcache_count(ctx);
+    ctx->failure.status = status;
+    ngx_str_set(&ctx->failure.content_type, "application/json");
 
-    return ngx_http_modelcache_send_json_error(r, status,
-                                               "modelcache_upstream_error",
-                                               reason);
+    if (ngx_http_modelcache_json_error_body(r, "modelcache_upstream_error",
+                                            reason, &ctx->failure.body)
+        != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ngx_http_modelcache_fetch_release(ctx, &ctx->failure);
+
+    return ngx_http_modelcache_handler_failure(r, ctx);
 }
 
 
@@ -449,18 +485,13 @@ ngx_int_t
 ngx_http_modelcache_send_json_error(ngx_http_request_t *r, ngx_uint_t status,
     const char *type, ngx_str_t *message)
 {
-    u_char                     *body, *p;
-    size_t                      len, tlen;
     ngx_int_t                   rc;
+    ngx_str_t                   body;
     ngx_http_modelcache_ctx_t  *ctx;
 
-    tlen = ngx_strlen(type);
-    len = sizeof("{\"error\":{\"type\":\"\",\"message\":\"\"}}\n") - 1
-          + tlen + message->len
-          + ngx_escape_json(NULL, message->data, message->len);
-
-    body = ngx_pnalloc(r->pool, len);
-    if (body == NULL) {
+    if (ngx_http_modelcache_json_error_body(r, type, message, &body)
+        != NGX_OK)
+    {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
@@ -468,7 +499,7 @@ ngx_http_modelcache_send_json_error(ngx_http_request_t *r, ngx_uint_t status,
     ngx_str_set(&r->headers_out.content_type, "application/json");
     r->headers_out.content_type_len = r->headers_out.content_type.len;
     r->headers_out.content_type_lowcase = NULL;
-    r->headers_out.content_length_n = len;
+    r->headers_out.content_length_n = body.len;
 
     ctx = ngx_http_get_module_ctx(r, ngx_http_modelcache_module);
 
@@ -482,14 +513,39 @@ ngx_http_modelcache_send_json_error(ngx_http_request_t *r, ngx_uint_t status,
         return rc;
     }
 
-    p = ngx_cpymem(body, "{\"error\":{\"type\":\"",
+    return ngx_http_modelcache_send_body(r, body.data, body.len);
+}
+
+
+/* {"error":{"type":"TYPE","message":"MESSAGE"}}, the message escaped */
+
+static ngx_int_t
+ngx_http_modelcache_json_error_body(ngx_http_request_t *r, const char *type,
+    ngx_str_t *message, ngx_str_t *body)
+{
+    u_char  *p;
+    size_t   len, tlen;
+
+    tlen = ngx_strlen(type);
+    len = sizeof("{\"error\":{\"type\":\"\",\"message\":\"\"}}\n") - 1
+          + tlen + message->len
+          + ngx_escape_json(NULL, message->data, message->len);
+
+    body->data = ngx_pnalloc(r->pool, len);
+    if (body->data == NULL) {
+        return NGX_ERROR;
+    }
+
+    p = ngx_cpymem(body->data, "{\"error\":{\"type\":\"",
                    sizeof("{\"error\":{\"type\":\"") - 1);
     p = ngx_cpymem(p, type, tlen);
     p = ngx_cpymem(p, "\",\"message\":\"", sizeof("\",\"message\":\"") - 1);
     p = (u_char *) ngx_escape_json(p, message->data, message->len);
     p = ngx_cpymem(p, "\"}}\n", sizeof("\"}}\n") - 1);
 
-    return ngx_http_modelcache_send_body(r, body, p - body);
+    body->len = p - body->data;
+
+    return NGX_OK;
 }
 
 
@@ -597,7 +653,7 @@ ngx_http_modelcache_count(ngx_http_modelcache_ctx_t *ctx)
 
 
 static void
-ngx_http_modelcache_unpin_cleanup(void *data)
+ngx_http_modelcache_ctx_cleanup(void *data)
 {
     ngx_http_modelcache_ctx_t  *ctx = data;
 
@@ -605,6 +661,8 @@ ngx_http_modelcache_unpin_cleanup(void *data)
         ngx_http_modelcache_zone_unpin(ctx->zone, ctx->node);
         ctx->node = NULL;
     }
+
+    ngx_http_modelcache_fetch_cleanup(ctx);
 }
 
 

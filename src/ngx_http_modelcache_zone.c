@@ -19,8 +19,23 @@ static void ngx_http_modelcache_zone_expire_locked(
     ngx_http_modelcache_zone_t *zone, time_t now);
 static ngx_int_t ngx_http_modelcache_zone_evict_locked(
     ngx_http_modelcache_zone_t *zone);
-static ngx_http_modelcache_node_t *ngx_http_modelcache_zone_alloc(
+static void *ngx_http_modelcache_zone_alloc(ngx_http_modelcache_zone_t *zone,
+    size_t size);
+static void *ngx_http_modelcache_zone_alloc_locked(
     ngx_http_modelcache_zone_t *zone, size_t size);
+static ngx_http_modelcache_node_t *ngx_http_modelcache_zone_fresh_locked(
+    ngx_http_modelcache_zone_t *zone, u_char *key, time_t now);
+static ngx_http_modelcache_lock_t *ngx_http_modelcache_zone_find_lock_locked(
+    ngx_http_modelcache_zone_t *zone, u_char *key);
+static ngx_int_t ngx_http_modelcache_zone_failure_copy(
+    ngx_http_modelcache_lock_t *lk, ngx_http_modelcache_failure_t *failure,
+    ngx_pool_t *pool);
+static void ngx_http_modelcache_zone_failure_free_locked(
+    ngx_http_modelcache_zone_t *zone, ngx_http_modelcache_lock_t *lk);
+static void ngx_http_modelcache_zone_free_lock_locked(
+    ngx_http_modelcache_zone_t *zone, ngx_http_modelcache_lock_t *lk);
+static void ngx_http_modelcache_zone_expire_failed_locked(
+    ngx_http_modelcache_zone_t *zone, time_t now);
 
 
 ngx_int_t
@@ -34,10 +49,13 @@ ngx_http_modelcache_zone_init(ngx_shm_zone_t *shm_zone, void *data)
     zone = shm_zone->data;
 
     if (ozone) {
-        if (ozone->sh == NULL || ozone->shpool == NULL) {
-            ngx_log_error(NGX_LOG_ALERT, shm_zone->shm.log, 0,
-                          "modelcache zone \"%V\" cannot be reused",
-                          &shm_zone->shm.name);
+        if (ozone->sh == NULL || ozone->shpool == NULL
+            || ozone->sh->magic != NGX_HTTP_MODELCACHE_MAGIC)
+        {
+            ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
+                          "modelcache zone \"%V\" was made by another "
+                          "version of the module: change its size or "
+                          "restart nginx", &shm_zone->shm.name);
             return NGX_ERROR;
         }
 
@@ -63,10 +81,16 @@ ngx_http_modelcache_zone_init(ngx_shm_zone_t *shm_zone, void *data)
 
     zone->shpool->data = zone->sh;
 
+    zone->sh->magic = NGX_HTTP_MODELCACHE_MAGIC;
+
     ngx_rbtree_init(&zone->sh->rbtree, &zone->sh->sentinel,
                     ngx_http_modelcache_zone_rbtree_insert);
 
+    ngx_rbtree_init(&zone->sh->locks, &zone->sh->locks_sentinel,
+                    ngx_http_modelcache_zone_rbtree_insert);
+
     ngx_queue_init(&zone->sh->lru);
+    ngx_queue_init(&zone->sh->failed);
 
     len = sizeof(" in modelcache zone \"\"") + shm_zone->shm.name.len;
 
@@ -275,6 +299,231 @@ ngx_http_modelcache_zone_purge(ngx_http_modelcache_zone_t *zone,
 }
 
 
+/*
+ * Single flight.  The caller missed; now, under one lock of the zone:
+ * the entry may have landed meanwhile (HIT, pinned); the fetch this request
+ * waited for may have failed (FAILED, its answer copied to the pool);
+ * another request may be fetching (BUSY); otherwise this request owns the
+ * key's fetch until now + timeout (OWNER), taking over a lock whose owner
+ * missed its deadline, e.g. because its worker died.
+ */
+
+ngx_http_modelcache_lock_e
+ngx_http_modelcache_zone_lock(ngx_http_modelcache_zone_t *zone,
+    ngx_http_modelcache_ctx_t *ctx, ngx_msec_t timeout, ngx_pool_t *pool)
+{
+    time_t                       now;
+    ngx_msec_t                   msec;
+    ngx_http_modelcache_lock_t  *lk;
+    ngx_http_modelcache_lock_e   rc;
+
+    now = ngx_time();
+    msec = ngx_current_msec;
+
+    ngx_shmtx_lock(&zone->shpool->mutex);
+
+    ctx->node = ngx_http_modelcache_zone_fresh_locked(zone, ctx->key, now);
+
+    if (ctx->node) {
+        rc = NGX_HTTP_MODELCACHE_LOCK_HIT;
+        goto done;
+    }
+
+    lk = ngx_http_modelcache_zone_find_lock_locked(zone, ctx->key);
+
+    if (lk && !lk->failed && (ngx_msec_int_t) (lk->deadline - msec) > 0) {
+        ctx->lock_gen = lk->gen;
+        rc = NGX_HTTP_MODELCACHE_LOCK_BUSY;
+        goto done;
+    }
+
+    if (lk && lk->failed && ctx->waited && lk->gen == ctx->lock_gen
+        && lk->failed + NGX_HTTP_MODELCACHE_FAILED_KEEP > now)
+    {
+        /* no answer kept (status 0): each waiter fetches for itself */
+        rc = (lk->status
+              && ngx_http_modelcache_zone_failure_copy(lk, &ctx->failure,
+                                                       pool)
+                 == NGX_OK)
+             ? NGX_HTTP_MODELCACHE_LOCK_FAILED
+             : NGX_HTTP_MODELCACHE_LOCK_NONE;
+        goto done;
+    }
+
+    if (lk == NULL) {
+        lk = ngx_http_modelcache_zone_alloc_locked(zone,
+                                          sizeof(ngx_http_modelcache_lock_t));
+        if (lk == NULL) {
+            rc = NGX_HTTP_MODELCACHE_LOCK_NONE;
+            goto done;
+        }
+
+        ngx_memzero(lk, sizeof(ngx_http_modelcache_lock_t));
+        ngx_memcpy(lk->key, ctx->key, NGX_HTTP_MODELCACHE_KEY_LEN);
+        ngx_memcpy(&lk->node.key, ctx->key, sizeof(ngx_rbtree_key_t));
+        ngx_rbtree_insert(&zone->sh->locks, &lk->node);
+
+        rc = NGX_HTTP_MODELCACHE_LOCK_OWNER;
+
+    } else if (lk->failed) {
+        ngx_http_modelcache_zone_failure_free_locked(zone, lk);
+        rc = NGX_HTTP_MODELCACHE_LOCK_OWNER;
+
+    } else {
+        rc = NGX_HTTP_MODELCACHE_LOCK_TAKEN;
+    }
+
+    lk->owner = ngx_pid;
+    lk->deadline = msec + timeout;
+    lk->gen++;
+
+    ctx->lock_gen = lk->gen;
+    ctx->lock_owner = 1;
+
+done:
+
+    ngx_shmtx_unlock(&zone->shpool->mutex);
+
+    return rc;
+}
+
+
+/*
+ * The owner's fetch is over.  Success (failure NULL): the lock goes, the
+ * waiters find the entry.  Failure: its answer stays for the waiters; one
+ * we cannot keep (too large, no room) leaves status 0, and the waiters
+ * fetch for themselves.
+ */
+
+void
+ngx_http_modelcache_zone_unlock(ngx_http_modelcache_zone_t *zone,
+    ngx_http_modelcache_ctx_t *ctx, ngx_http_modelcache_failure_t *failure)
+{
+    u_char                      *p;
+    ngx_http_modelcache_lock_t  *lk;
+
+    ctx->lock_owner = 0;
+
+    ngx_shmtx_lock(&zone->shpool->mutex);
+
+    lk = ngx_http_modelcache_zone_find_lock_locked(zone, ctx->key);
+
+    if (lk == NULL || lk->failed || lk->gen != ctx->lock_gen
+        || lk->owner != ngx_pid)
+    {
+        /* taken over after our deadline: the new owner's now */
+        goto done;
+    }
+
+    if (failure == NULL) {
+        ngx_http_modelcache_zone_free_lock_locked(zone, lk);
+        goto done;
+    }
+
+    lk->failed = ngx_time();
+    ngx_queue_insert_head(&zone->sh->failed, &lk->queue);
+
+    if (failure->status == 0
+        || failure->body.len > NGX_HTTP_MODELCACHE_FAILED_MAX)
+    {
+        goto done;
+    }
+
+    p = ngx_slab_alloc_locked(zone->shpool,
+                              failure->content_type.len + failure->body.len
+                              + 1);
+    if (p == NULL) {
+        goto done;
+    }
+
+    lk->answer = p;
+    lk->status = failure->status;
+    lk->type_len = failure->content_type.len;
+    lk->body_len = failure->body.len;
+
+    p = ngx_cpymem(p, failure->content_type.data, failure->content_type.len);
+    ngx_memcpy(p, failure->body.data, failure->body.len);
+
+done:
+
+    ngx_shmtx_unlock(&zone->shpool->mutex);
+}
+
+
+static ngx_int_t
+ngx_http_modelcache_zone_failure_copy(ngx_http_modelcache_lock_t *lk,
+    ngx_http_modelcache_failure_t *failure, ngx_pool_t *pool)
+{
+    u_char  *p;
+
+    p = ngx_pnalloc(pool, lk->type_len + lk->body_len + 1);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_memcpy(p, lk->answer, lk->type_len + lk->body_len);
+
+    failure->status = lk->status;
+    failure->content_type.data = p;
+    failure->content_type.len = lk->type_len;
+    failure->body.data = p + lk->type_len;
+    failure->body.len = lk->body_len;
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_modelcache_zone_failure_free_locked(ngx_http_modelcache_zone_t *zone,
+    ngx_http_modelcache_lock_t *lk)
+{
+    ngx_queue_remove(&lk->queue);
+
+    if (lk->answer) {
+        ngx_slab_free_locked(zone->shpool, lk->answer);
+    }
+
+    lk->failed = 0;
+    lk->status = 0;
+    lk->answer = NULL;
+}
+
+
+static void
+ngx_http_modelcache_zone_free_lock_locked(ngx_http_modelcache_zone_t *zone,
+    ngx_http_modelcache_lock_t *lk)
+{
+    if (lk->failed) {
+        ngx_http_modelcache_zone_failure_free_locked(zone, lk);
+    }
+
+    ngx_rbtree_delete(&zone->sh->locks, &lk->node);
+    ngx_slab_free_locked(zone->shpool, lk);
+}
+
+
+/* failed fetches' answers only matter to their waiters, for a moment */
+
+static void
+ngx_http_modelcache_zone_expire_failed_locked(ngx_http_modelcache_zone_t *zone,
+    time_t now)
+{
+    ngx_queue_t                 *q;
+    ngx_http_modelcache_lock_t  *lk;
+
+    while (!ngx_queue_empty(&zone->sh->failed)) {
+        q = ngx_queue_last(&zone->sh->failed);
+        lk = ngx_queue_data(q, ngx_http_modelcache_lock_t, queue);
+
+        if (lk->failed + NGX_HTTP_MODELCACHE_FAILED_KEEP > now) {
+            return;
+        }
+
+        ngx_http_modelcache_zone_free_lock_locked(zone, lk);
+    }
+}
+
+
 void
 ngx_http_modelcache_zone_usage(ngx_http_modelcache_zone_t *zone,
     ngx_uint_t *entries, size_t *used)
@@ -299,26 +548,42 @@ ngx_http_modelcache_zone_usage(ngx_http_modelcache_zone_t *zone,
  * neighbours gone before enough contiguous pages are free.
  */
 
-static ngx_http_modelcache_node_t *
+static void *
 ngx_http_modelcache_zone_alloc(ngx_http_modelcache_zone_t *zone, size_t size)
 {
-    ngx_http_modelcache_node_t  *node;
+    void  *p;
 
     ngx_shmtx_lock(&zone->shpool->mutex);
 
-    ngx_http_modelcache_zone_expire_locked(zone, ngx_time());
-
-    node = ngx_slab_alloc_locked(zone->shpool, size);
-
-    while (node == NULL
-           && ngx_http_modelcache_zone_evict_locked(zone) == NGX_OK)
-    {
-        node = ngx_slab_alloc_locked(zone->shpool, size);
-    }
+    p = ngx_http_modelcache_zone_alloc_locked(zone, size);
 
     ngx_shmtx_unlock(&zone->shpool->mutex);
 
-    return node;
+    return p;
+}
+
+
+static void *
+ngx_http_modelcache_zone_alloc_locked(ngx_http_modelcache_zone_t *zone,
+    size_t size)
+{
+    void    *p;
+    time_t   now;
+
+    now = ngx_time();
+
+    ngx_http_modelcache_zone_expire_locked(zone, now);
+    ngx_http_modelcache_zone_expire_failed_locked(zone, now);
+
+    p = ngx_slab_alloc_locked(zone->shpool, size);
+
+    while (p == NULL
+           && ngx_http_modelcache_zone_evict_locked(zone) == NGX_OK)
+    {
+        p = ngx_slab_alloc_locked(zone->shpool, size);
+    }
+
+    return p;
 }
 
 
@@ -432,6 +697,65 @@ ngx_http_modelcache_zone_find_locked(ngx_http_modelcache_zone_t *zone,
     return NULL;
 }
 
+
+/* a fresh entry, pinned, or NULL */
+
+static ngx_http_modelcache_node_t *
+ngx_http_modelcache_zone_fresh_locked(ngx_http_modelcache_zone_t *zone,
+    u_char *key, time_t now)
+{
+    ngx_http_modelcache_node_t  *node;
+
+    node = ngx_http_modelcache_zone_find_locked(zone, key);
+
+    if (node == NULL || node->expires <= now) {
+        return NULL;
+    }
+
+    node->accessed = now;
+    ngx_queue_remove(&node->queue);
+    ngx_queue_insert_head(&zone->sh->lru, &node->queue);
+    node->pins++;
+
+    return node;
+}
+
+
+static ngx_http_modelcache_lock_t *
+ngx_http_modelcache_zone_find_lock_locked(ngx_http_modelcache_zone_t *zone,
+    u_char *key)
+{
+    ngx_int_t           rc;
+    ngx_rbtree_key_t    hash;
+    ngx_rbtree_node_t  *node, *sentinel;
+
+    ngx_memcpy(&hash, key, sizeof(ngx_rbtree_key_t));
+
+    node = zone->sh->locks.root;
+    sentinel = zone->sh->locks.sentinel;
+
+    while (node != sentinel) {
+
+        if (hash != node->key) {
+            node = (hash < node->key) ? node->left : node->right;
+            continue;
+        }
+
+        rc = ngx_memcmp(key, ((ngx_http_modelcache_lock_t *) node)->key,
+                        NGX_HTTP_MODELCACHE_KEY_LEN);
+
+        if (rc == 0) {
+            return (ngx_http_modelcache_lock_t *) node;
+        }
+
+        node = (rc < 0) ? node->left : node->right;
+    }
+
+    return NULL;
+}
+
+
+/* _lock_t starts as _node_t does (node, queue, key): one insert serves both */
 
 static void
 ngx_http_modelcache_zone_rbtree_insert(ngx_rbtree_node_t *temp,
