@@ -106,6 +106,20 @@ static ngx_command_t  ngx_http_modelcache_commands[] = {
       offsetof(ngx_http_modelcache_loc_conf_t, lock_timeout),
       NULL },
 
+    { ngx_string("modelcache_stale_while_revalidate"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_sec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_modelcache_loc_conf_t, stale_while_revalidate),
+      NULL },
+
+    { ngx_string("modelcache_stale_if_error"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_sec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_modelcache_loc_conf_t, stale_if_error),
+      NULL },
+
     { ngx_string("modelcache_purge"),
       NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
       ngx_http_modelcache_admin,
@@ -224,6 +238,8 @@ ngx_http_modelcache_create_loc_conf(ngx_conf_t *cf)
     conf->credentials = NGX_CONF_UNSET_PTR;
     conf->status_header = NGX_CONF_UNSET;
     conf->lock_timeout = NGX_CONF_UNSET_MSEC;
+    conf->stale_while_revalidate = NGX_CONF_UNSET;
+    conf->stale_if_error = NGX_CONF_UNSET;
 
     return conf;
 }
@@ -245,6 +261,9 @@ ngx_http_modelcache_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
                              mmcf->credentials);
     ngx_conf_merge_value(conf->status_header, prev->status_header, 1);
     ngx_conf_merge_msec_value(conf->lock_timeout, prev->lock_timeout, 5000);
+    ngx_conf_merge_sec_value(conf->stale_while_revalidate,
+                             prev->stale_while_revalidate, 30);
+    ngx_conf_merge_sec_value(conf->stale_if_error, prev->stale_if_error, 600);
 
     if (conf->scope == NULL) {
         conf->scope = prev->scope;

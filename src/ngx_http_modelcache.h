@@ -158,6 +158,8 @@ typedef struct {
     ngx_array_t                     *credentials;  /* complex values; NULL: off */
     ngx_flag_t                       status_header;
     ngx_msec_t                       lock_timeout;
+    time_t                           stale_while_revalidate;
+    time_t                           stale_if_error;
 
     ngx_shm_zone_t                  *purge_zone;
     ngx_shm_zone_t                  *stats_zone;
@@ -208,6 +210,7 @@ typedef enum {
 typedef struct {
     ngx_http_modelcache_zone_t      *zone;
     ngx_http_modelcache_node_t      *node;         /* pinned while serving */
+    ngx_http_modelcache_node_t      *stale;        /* pinned, expired */
 
     u_char                           key[NGX_HTTP_MODELCACHE_KEY_LEN];
     ngx_str_t                        pass;
@@ -217,6 +220,7 @@ typedef struct {
     time_t                           age;
 
     ngx_http_modelcache_fetch_t      fetch;
+    u_char                           etag[NGX_HTTP_MODELCACHE_ETAG_LEN];
 
     /* single flight: the lock we own, or the fetch we wait for */
     ngx_uint_t                       lock_gen;
@@ -229,6 +233,7 @@ typedef struct {
     unsigned                         lock_owner:1;
     unsigned                         waiting:1;
     unsigned                         waited:1;
+    unsigned                         settled:1;
 } ngx_http_modelcache_ctx_t;
 
 
@@ -249,8 +254,8 @@ extern ngx_module_t  ngx_http_modelcache_module;
 /* zone */
 ngx_int_t ngx_http_modelcache_zone_init(ngx_shm_zone_t *shm_zone, void *data);
 ngx_http_modelcache_status_e ngx_http_modelcache_zone_lookup(
-    ngx_http_modelcache_zone_t *zone, u_char *key,
-    ngx_http_modelcache_node_t **nodep);
+    ngx_http_modelcache_zone_t *zone, u_char *key, time_t stale,
+    ngx_http_modelcache_node_t **nodep, ngx_http_modelcache_node_t **stalep);
 void ngx_http_modelcache_zone_unpin(ngx_http_modelcache_zone_t *zone,
     ngx_http_modelcache_node_t *node);
 ngx_int_t ngx_http_modelcache_zone_store(ngx_http_modelcache_zone_t *zone,
@@ -276,6 +281,8 @@ ngx_int_t ngx_http_modelcache_key_etag(u_char *body, size_t len, u_char *etag);
 /* fetch */
 ngx_int_t ngx_http_modelcache_fetch(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx);
+void ngx_http_modelcache_fetch_background(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx);
 void ngx_http_modelcache_fetch_release(ngx_http_modelcache_ctx_t *ctx,
     ngx_http_modelcache_failure_t *failure);
 void ngx_http_modelcache_fetch_cleanup(ngx_http_modelcache_ctx_t *ctx);
@@ -287,7 +294,9 @@ ngx_int_t ngx_http_modelcache_json_validate(u_char *body, size_t len,
 
 /* handler */
 ngx_int_t ngx_http_modelcache_handler(ngx_http_request_t *r);
-ngx_int_t ngx_http_modelcache_handler_hit(ngx_http_request_t *r,
+ngx_int_t ngx_http_modelcache_handler_serve(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx, ngx_http_modelcache_node_t *node);
+ngx_int_t ngx_http_modelcache_handler_settle(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx);
 ngx_int_t ngx_http_modelcache_handler_failure(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx);

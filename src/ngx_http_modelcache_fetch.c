@@ -11,6 +11,12 @@
 
 static ngx_int_t ngx_http_modelcache_fetch_start(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx);
+static ngx_int_t ngx_http_modelcache_fetch_subrequest(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx, ngx_uint_t flags,
+    ngx_http_post_subrequest_pt handler);
+static ngx_int_t ngx_http_modelcache_fetch_background_done(
+    ngx_http_request_t *sr, void *data, ngx_int_t rc);
+static void ngx_http_modelcache_fetch_cleanup_handler(void *data);
 static ngx_int_t ngx_http_modelcache_fetch_wait(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx);
 static void ngx_http_modelcache_fetch_wait_handler(ngx_event_t *ev);
@@ -82,7 +88,7 @@ ngx_http_modelcache_fetch(ngx_http_request_t *r,
     {
     case NGX_HTTP_MODELCACHE_LOCK_HIT:
         ctx->status = NGX_HTTP_MODELCACHE_HIT;
-        return ngx_http_modelcache_handler_hit(r, ctx);
+        return ngx_http_modelcache_handler_serve(r, ctx, ctx->node);
 
     case NGX_HTTP_MODELCACHE_LOCK_FAILED:
         return ngx_http_modelcache_handler_failure(r, ctx);
@@ -252,25 +258,128 @@ static ngx_int_t
 ngx_http_modelcache_fetch_start(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx)
 {
-    ngx_str_t                    uri, args, msg;
-    ngx_uint_t                   flags;
+    ngx_int_t  rc;
+    ngx_str_t  msg;
+
+    rc = ngx_http_modelcache_fetch_subrequest(r, ctx,
+                                              NGX_HTTP_SUBREQUEST_WAITED,
+                                              ngx_http_modelcache_fetch_done);
+
+    if (rc == NGX_DECLINED) {
+        ngx_str_set(&msg, "modelcache_pass is not a safe local URI");
+        return ngx_http_modelcache_send_json_error(r,
+                                        NGX_HTTP_INTERNAL_SERVER_ERROR,
+                                        "modelcache_config_error", &msg);
+    }
+
+    if (rc != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    r->write_event_handler = ngx_http_modelcache_fetch_resume;
+
+    /* paired with the NGX_DONE below; fetch_resume finalizes the request */
+    r->main->count++;
+
+    return NGX_DONE;
+}
+
+
+/*
+ * Stale-while-revalidate: the request answers the stale entry and hands
+ * the key's lock to a background subrequest of its own, which settles the
+ * fetch (store, release, wake) when it ends.
+ */
+
+void
+ngx_http_modelcache_fetch_background(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx)
+{
+    ngx_pool_cleanup_t         *cln;
+    ngx_http_modelcache_ctx_t  *bg;
+
+    bg = ngx_pcalloc(r->pool, sizeof(ngx_http_modelcache_ctx_t));
+    if (bg == NULL) {
+        return;
+    }
+
+    cln = ngx_pool_cleanup_add(r->pool, 0);
+    if (cln == NULL) {
+        return;
+    }
+
+    bg->zone = ctx->zone;
+    ngx_memcpy(bg->key, ctx->key, NGX_HTTP_MODELCACHE_KEY_LEN);
+    bg->pass = ctx->pass;
+    bg->scope = ctx->scope;
+    bg->status = ctx->status;
+    bg->lock_gen = ctx->lock_gen;
+    bg->lock_owner = 1;
+    ctx->lock_owner = 0;
+
+    /* released there if the refresh never settles */
+    cln->handler = ngx_http_modelcache_fetch_cleanup_handler;
+    cln->data = bg;
+
+    if (ngx_http_modelcache_fetch_subrequest(r, bg,
+                                    NGX_HTTP_SUBREQUEST_BACKGROUND,
+                                    ngx_http_modelcache_fetch_background_done)
+        != NGX_OK)
+    {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "modelcache: cannot start a background refresh");
+        ngx_http_modelcache_fetch_release(bg, NULL);
+    }
+}
+
+
+static ngx_int_t
+ngx_http_modelcache_fetch_background_done(ngx_http_request_t *sr, void *data,
+    ngx_int_t rc)
+{
+    ngx_http_modelcache_ctx_t  *bg = data;
+
+    rc = ngx_http_modelcache_fetch_done(sr, data, rc);
+
+    if (!bg->settled) {
+        bg->settled = 1;
+        (void) ngx_http_modelcache_handler_settle(sr->parent, bg);
+    }
+
+    return rc;
+}
+
+
+static void
+ngx_http_modelcache_fetch_cleanup_handler(void *data)
+{
+    ngx_http_modelcache_fetch_cleanup(data);
+}
+
+
+/* NGX_DECLINED: the pass URI is not a safe local one */
+
+static ngx_int_t
+ngx_http_modelcache_fetch_subrequest(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx, ngx_uint_t flags,
+    ngx_http_post_subrequest_pt handler)
+{
+    ngx_str_t                    uri, args;
+    ngx_uint_t                   uflags;
     ngx_http_request_t          *sr;
     ngx_http_post_subrequest_t  *ps;
 
     uri = ctx->pass;
     ngx_str_null(&args);
-    flags = NGX_HTTP_LOG_UNSAFE;
+    uflags = NGX_HTTP_LOG_UNSAFE;
 
     if (uri.len == 0 || uri.data[0] != '/'
-        || ngx_http_parse_unsafe_uri(r, &uri, &args, &flags) != NGX_OK)
+        || ngx_http_parse_unsafe_uri(r, &uri, &args, &uflags) != NGX_OK)
     {
         ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
                       "modelcache_pass \"%V\" is not a safe local URI",
                       &ctx->pass);
-        ngx_str_set(&msg, "modelcache_pass is not a safe local URI");
-        return ngx_http_modelcache_send_json_error(r,
-                                        NGX_HTTP_INTERNAL_SERVER_ERROR,
-                                        "modelcache_config_error", &msg);
+        return NGX_DECLINED;
     }
 
     ps = ngx_palloc(r->pool, sizeof(ngx_http_post_subrequest_t));
@@ -278,13 +387,10 @@ ngx_http_modelcache_fetch_start(ngx_http_request_t *r,
         return NGX_ERROR;
     }
 
-    ps->handler = ngx_http_modelcache_fetch_done;
+    ps->handler = handler;
     ps->data = ctx;
 
-    if (ngx_http_subrequest(r, &uri, &args, &sr, ps,
-                            NGX_HTTP_SUBREQUEST_WAITED)
-        != NGX_OK)
-    {
+    if (ngx_http_subrequest(r, &uri, &args, &sr, ps, flags) != NGX_OK) {
         return NGX_ERROR;
     }
 
@@ -301,12 +407,7 @@ ngx_http_modelcache_fetch_start(ngx_http_request_t *r,
 
     (void) ngx_atomic_fetch_add(&ctx->zone->sh->counters.upstream_fetches, 1);
 
-    r->write_event_handler = ngx_http_modelcache_fetch_resume;
-
-    /* paired with the NGX_DONE below; fetch_resume finalizes the request */
-    r->main->count++;
-
-    return NGX_DONE;
+    return NGX_OK;
 }
 
 

@@ -9,15 +9,16 @@
 #include "ngx_http_modelcache.h"
 
 
-static ngx_int_t ngx_http_modelcache_handler_failed(ngx_http_request_t *r,
+static ngx_int_t ngx_http_modelcache_handler_revalidate(
+    ngx_http_request_t *r, ngx_http_modelcache_ctx_t *ctx);
+static ngx_int_t ngx_http_modelcache_settle_failed(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx);
-static ngx_int_t ngx_http_modelcache_handler_relay(ngx_http_request_t *r,
+static ngx_int_t ngx_http_modelcache_settle_relay(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx);
-static ngx_int_t ngx_http_modelcache_handler_store(ngx_http_request_t *r,
+static ngx_int_t ngx_http_modelcache_settle_list(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx);
-static ngx_int_t ngx_http_modelcache_handler_upstream_error(
-    ngx_http_request_t *r, ngx_http_modelcache_ctx_t *ctx, ngx_uint_t status,
-    ngx_str_t *reason);
+static ngx_int_t ngx_http_modelcache_settle_error(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx, ngx_uint_t status, ngx_str_t *reason);
 static ngx_int_t ngx_http_modelcache_json_error_body(ngx_http_request_t *r,
     const char *type, ngx_str_t *message, ngx_str_t *body);
 static ngx_int_t ngx_http_modelcache_send_answer(ngx_http_request_t *r,
@@ -111,27 +112,72 @@ ngx_http_modelcache_handler(ngx_http_request_t *r)
     }
 
     ctx->status = ngx_http_modelcache_zone_lookup(ctx->zone, ctx->key,
-                                                  &ctx->node);
+                                  ngx_max(mlcf->stale_while_revalidate,
+                                          mlcf->stale_if_error),
+                                  &ctx->node, &ctx->stale);
 
     if (ctx->status == NGX_HTTP_MODELCACHE_HIT) {
-        return ngx_http_modelcache_handler_hit(r, ctx);
+        return ngx_http_modelcache_handler_serve(r, ctx, ctx->node);
+    }
+
+    if (ctx->stale
+        && ngx_time() < ctx->stale->expires + mlcf->stale_while_revalidate)
+    {
+        return ngx_http_modelcache_handler_revalidate(r, ctx);
     }
 
     return ngx_http_modelcache_fetch(r, ctx);
 }
 
 
-/* ctx->node is pinned until the request's pool goes */
+/*
+ * Stale-while-revalidate: the expired entry is answered at once; the
+ * request that gets the key's lock starts the one background refresh
+ * (STALE), those that find it running are UPDATING.
+ */
 
-ngx_int_t
-ngx_http_modelcache_handler_hit(ngx_http_request_t *r,
+static ngx_int_t
+ngx_http_modelcache_handler_revalidate(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx)
 {
-    time_t                         now;
-    ngx_http_modelcache_node_t    *node;
-    ngx_http_modelcache_answer_t   a;
+    ngx_http_modelcache_loc_conf_t  *mlcf;
 
-    node = ctx->node;
+    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_modelcache_module);
+
+    switch (ngx_http_modelcache_zone_lock(ctx->zone, ctx, mlcf->lock_timeout,
+                                          r->pool))
+    {
+    case NGX_HTTP_MODELCACHE_LOCK_HIT:
+        ctx->status = NGX_HTTP_MODELCACHE_HIT;
+        return ngx_http_modelcache_handler_serve(r, ctx, ctx->node);
+
+    case NGX_HTTP_MODELCACHE_LOCK_OWNER:
+    case NGX_HTTP_MODELCACHE_LOCK_TAKEN:
+        ctx->status = NGX_HTTP_MODELCACHE_STALE;
+        ngx_http_modelcache_fetch_background(r, ctx);
+        break;
+
+    case NGX_HTTP_MODELCACHE_LOCK_BUSY:
+        ctx->status = NGX_HTTP_MODELCACHE_UPDATING;
+        break;
+
+    default: /* NONE: no room even for a lock; nobody refreshes now */
+        ctx->status = NGX_HTTP_MODELCACHE_STALE;
+        break;
+    }
+
+    return ngx_http_modelcache_handler_serve(r, ctx, ctx->stale);
+}
+
+
+/* a stored entry, fresh or stale, pinned until the request's pool goes */
+
+ngx_int_t
+ngx_http_modelcache_handler_serve(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx, ngx_http_modelcache_node_t *node)
+{
+    time_t                         now;
+    ngx_http_modelcache_answer_t   a;
 
     ngx_http_modelcache_count(ctx);
 
@@ -148,10 +194,52 @@ ngx_http_modelcache_handler_hit(ngx_http_request_t *r,
 }
 
 
-/* the fetch subrequest is over: decide, store, answer, finalize */
+/* the fetch subrequest is over: settle, answer, finalize */
 
 void
 ngx_http_modelcache_handler_fetched(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx)
+{
+    ngx_int_t                         rc;
+    ngx_http_modelcache_answer_t      a;
+    ngx_http_modelcache_loc_conf_t   *mlcf;
+
+    rc = ngx_http_modelcache_handler_settle(r, ctx);
+
+    if (rc == NGX_DECLINED) {
+        rc = ngx_http_modelcache_handler_failure(r, ctx);
+
+    } else if (rc == NGX_OK) {
+        mlcf = ngx_http_get_module_loc_conf(r, ngx_http_modelcache_module);
+
+        ngx_http_modelcache_count(ctx);
+
+        a.body = ctx->fetch.body;
+        a.len = ctx->fetch.len;
+        a.etag = ctx->etag;
+        a.fetched = ngx_time();
+        a.age = 0;
+        a.max_age = mlcf->ttl;
+
+        rc = ngx_http_modelcache_send_answer(r, ctx, &a);
+
+    } else {
+        rc = NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ngx_http_finalize_request(r, rc);
+}
+
+
+/*
+ * What a fetch brought, decided once, for a client or for a background
+ * refresh: NGX_OK, a model list (stored if it fits, ctx->etag set);
+ * NGX_DECLINED, a failure in ctx->failure.  Either way the key's lock is
+ * released, waking the requests that waited for this fetch.
+ */
+
+ngx_int_t
+ngx_http_modelcache_handler_settle(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx)
 {
     ngx_int_t                     rc;
@@ -165,23 +253,29 @@ ngx_http_modelcache_handler_fetched(ngx_http_request_t *r,
         || !f->last
         || (f->content_length >= 0 && (off_t) f->len != f->content_length))
     {
-        rc = ngx_http_modelcache_handler_failed(r, ctx);
+        rc = ngx_http_modelcache_settle_failed(r, ctx);
 
     } else if (f->status != NGX_HTTP_OK) {
-        rc = ngx_http_modelcache_handler_relay(r, ctx);
+        rc = ngx_http_modelcache_settle_relay(r, ctx);
 
     } else {
-        rc = ngx_http_modelcache_handler_store(r, ctx);
+        rc = ngx_http_modelcache_settle_list(r, ctx);
     }
 
-    ngx_http_finalize_request(r, rc);
+    if (rc == NGX_ERROR) {
+        /* no answer to hand over: the waiters fetch for themselves */
+        ctx->failure.status = 0;
+        ngx_http_modelcache_fetch_release(ctx, &ctx->failure);
+    }
+
+    return rc;
 }
 
 
 /* no complete answer from the provider */
 
 static ngx_int_t
-ngx_http_modelcache_handler_failed(ngx_http_request_t *r,
+ngx_http_modelcache_settle_failed(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx)
 {
     ngx_str_t                     reason;
@@ -210,15 +304,14 @@ ngx_http_modelcache_handler_failed(ngx_http_request_t *r,
         ngx_str_set(&reason, "modelcache_pass location gave no answer");
     }
 
-    return ngx_http_modelcache_handler_upstream_error(r, ctx, status,
-                                                      &reason);
+    return ngx_http_modelcache_settle_error(r, ctx, status, &reason);
 }
 
 
-/* the provider's non-200 answer goes to the client unchanged, unstored */
+/* the provider's non-200 answer is relayed unchanged, never stored */
 
 static ngx_int_t
-ngx_http_modelcache_handler_relay(ngx_http_request_t *r,
+ngx_http_modelcache_settle_relay(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx)
 {
     ngx_http_modelcache_fetch_t  *f;
@@ -237,34 +330,124 @@ ngx_http_modelcache_handler_relay(ngx_http_request_t *r,
     ctx->failure.body.data = f->body;
     ctx->failure.body.len = f->len;
 
-    if ((f->www_authenticate.len
-         && ngx_http_modelcache_add_header(r, "WWW-Authenticate",
-                                           &f->www_authenticate, NULL)
-            != NGX_OK)
-        || (f->retry_after.len
-            && ngx_http_modelcache_add_header(r, "Retry-After",
-                                              &f->retry_after, NULL)
-               != NGX_OK))
+    ngx_http_modelcache_fetch_release(ctx, &ctx->failure);
+
+    return NGX_DECLINED;
+}
+
+
+/* a 200: a model list is stored if it fits */
+
+static ngx_int_t
+ngx_http_modelcache_settle_list(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx)
+{
+    ngx_int_t                        rc;
+    ngx_str_t                        reason;
+    ngx_http_modelcache_fetch_t     *f;
+    ngx_http_modelcache_loc_conf_t  *mlcf;
+
+    f = &ctx->fetch;
+
+    if (f->content_encoding.len
+        && !(f->content_encoding.len == 8
+             && ngx_strncasecmp(f->content_encoding.data,
+                                (u_char *) "identity", 8) == 0))
     {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        ngx_str_set(&reason, "provider answered with a Content-Encoding; "
+                             "set proxy_set_header Accept-Encoding \"\"");
+        return ngx_http_modelcache_settle_error(r, ctx, NGX_HTTP_BAD_GATEWAY,
+                                                &reason);
+    }
+
+    rc = ngx_http_modelcache_json_validate(f->body, f->len, &reason, r->pool);
+
+    if (rc != NGX_OK) {
+        return rc == NGX_DECLINED
+               ? ngx_http_modelcache_settle_error(r, ctx,
+                                                  NGX_HTTP_BAD_GATEWAY,
+                                                  &reason)
+               : NGX_ERROR;
+    }
+
+    if (ngx_http_modelcache_key_etag(f->body, f->len, ctx->etag) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_modelcache_module);
+
+    if (f->len > ctx->zone->max_entry) {
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "modelcache: provider answer of %uz bytes exceeds "
+                      "max_entry=%uz of zone \"%V\", not stored",
+                      f->len, ctx->zone->max_entry,
+                      &ctx->zone->shm_zone->shm.name);
+        rc = NGX_DECLINED;
+
+    } else {
+        rc = ngx_http_modelcache_zone_store(ctx->zone, ctx, mlcf->ttl,
+                                            ctx->etag, r->connection->log);
+    }
+
+    /* not stored: no answer to hand over, the waiters fetch for themselves */
+    ctx->failure.status = 0;
+    ngx_http_modelcache_fetch_release(ctx,
+                                      rc == NGX_OK ? NULL : &ctx->failure);
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_modelcache_settle_error(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx, ngx_uint_t status, ngx_str_t *reason)
+{
+    ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                  "modelcache: %V, nothing stored", reason);
+
+    ctx->failure.status = status;
+    ngx_str_set(&ctx->failure.content_type, "application/json");
+
+    if (ngx_http_modelcache_json_error_body(r, "modelcache_upstream_error",
+                                            reason, &ctx->failure.body)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
     }
 
     ngx_http_modelcache_fetch_release(ctx, &ctx->failure);
 
-    return ngx_http_modelcache_handler_failure(r, ctx);
+    return NGX_DECLINED;
 }
 
 
-/* ctx->failure: the owner's, or the one a waiter was handed */
+/*
+ * ctx->failure, the owner's or the one a waiter was handed, answered as
+ * it is, or with the stale entry when stale-if-error allows
+ */
 
 ngx_int_t
 ngx_http_modelcache_handler_failure(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx)
 {
-    ngx_int_t                       rc;
-    ngx_http_modelcache_failure_t  *fl;
+    ngx_int_t                        rc;
+    ngx_http_modelcache_fetch_t     *f;
+    ngx_http_modelcache_failure_t   *fl;
+    ngx_http_modelcache_loc_conf_t  *mlcf;
 
     fl = &ctx->failure;
+    f = &ctx->fetch;
+
+    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_modelcache_module);
+
+    if (ctx->stale
+        && (fl->status >= NGX_HTTP_INTERNAL_SERVER_ERROR
+            || fl->status == NGX_HTTP_TOO_MANY_REQUESTS)
+        && ngx_time() < ctx->stale->expires + mlcf->stale_if_error)
+    {
+        ctx->status = NGX_HTTP_MODELCACHE_STALE;
+        return ngx_http_modelcache_handler_serve(r, ctx, ctx->stale);
+    }
 
     ctx->status = NGX_HTTP_MODELCACHE_ERROR;
     ngx_http_modelcache_count(ctx);
@@ -274,6 +457,20 @@ ngx_http_modelcache_handler_failure(ngx_http_request_t *r,
     r->headers_out.content_type_len = fl->content_type.len;
     r->headers_out.content_type_lowcase = NULL;
     r->headers_out.content_length_n = fl->body.len;
+
+    /* the provider's own, when this request relays what it fetched */
+    if (f->header && f->status == fl->status
+        && ((f->www_authenticate.len
+             && ngx_http_modelcache_add_header(r, "WWW-Authenticate",
+                                               &f->www_authenticate, NULL)
+                != NGX_OK)
+            || (f->retry_after.len
+                && ngx_http_modelcache_add_header(r, "Retry-After",
+                                                  &f->retry_after, NULL)
+                   != NGX_OK)))
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
 
     if (ngx_http_modelcache_add_status_header(r, ctx) != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
@@ -290,101 +487,6 @@ ngx_http_modelcache_handler_failure(ngx_http_request_t *r,
     }
 
     return ngx_http_modelcache_send_body(r, fl->body.data, fl->body.len);
-}
-
-
-/* a 200: stored if it is a model list that fits, and answered */
-
-static ngx_int_t
-ngx_http_modelcache_handler_store(ngx_http_request_t *r,
-    ngx_http_modelcache_ctx_t *ctx)
-{
-    u_char                           etag[NGX_HTTP_MODELCACHE_ETAG_LEN];
-    ngx_int_t                        rc;
-    ngx_str_t                        reason;
-    ngx_http_modelcache_fetch_t     *f;
-    ngx_http_modelcache_answer_t     a;
-    ngx_http_modelcache_loc_conf_t  *mlcf;
-
-    f = &ctx->fetch;
-
-    if (f->content_encoding.len
-        && !(f->content_encoding.len == 8
-             && ngx_strncasecmp(f->content_encoding.data,
-                                (u_char *) "identity", 8) == 0))
-    {
-        ngx_str_set(&reason, "provider answered with a Content-Encoding; "
-                             "set proxy_set_header Accept-Encoding \"\"");
-        return ngx_http_modelcache_handler_upstream_error(r, ctx,
-                                              NGX_HTTP_BAD_GATEWAY, &reason);
-    }
-
-    rc = ngx_http_modelcache_json_validate(f->body, f->len, &reason, r->pool);
-
-    if (rc == NGX_ERROR) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    if (rc == NGX_DECLINED) {
-        return ngx_http_modelcache_handler_upstream_error(r, ctx,
-                                              NGX_HTTP_BAD_GATEWAY, &reason);
-    }
-
-    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_modelcache_module);
-
-    if (ngx_http_modelcache_key_etag(f->body, f->len, etag) != NGX_OK) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    if (f->len > ctx->zone->max_entry) {
-        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
-                      "modelcache: provider answer of %uz bytes exceeds "
-                      "max_entry=%uz of zone \"%V\", not stored",
-                      f->len, ctx->zone->max_entry,
-                      &ctx->zone->shm_zone->shm.name);
-        rc = NGX_DECLINED;
-
-    } else {
-        rc = ngx_http_modelcache_zone_store(ctx->zone, ctx, mlcf->ttl, etag,
-                                            r->connection->log);
-    }
-
-    /* not stored: no answer to hand over, the waiters fetch for themselves */
-    ngx_http_modelcache_fetch_release(ctx, rc == NGX_OK ? NULL : &ctx->failure);
-
-    ngx_http_modelcache_count(ctx);
-
-    a.body = f->body;
-    a.len = f->len;
-    a.etag = etag;
-    a.fetched = ngx_time();
-    a.age = 0;
-    a.max_age = mlcf->ttl;
-
-    return ngx_http_modelcache_send_answer(r, ctx, &a);
-}
-
-
-static ngx_int_t
-ngx_http_modelcache_handler_upstream_error(ngx_http_request_t *r,
-    ngx_http_modelcache_ctx_t *ctx, ngx_uint_t status, ngx_str_t *reason)
-{
-    ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                  "modelcache: %V, nothing stored", reason);
-
-    ctx->failure.status = status;
-    ngx_str_set(&ctx->failure.content_type, "application/json");
-
-    if (ngx_http_modelcache_json_error_body(r, "modelcache_upstream_error",
-                                            reason, &ctx->failure.body)
-        != NGX_OK)
-    {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    ngx_http_modelcache_fetch_release(ctx, &ctx->failure);
-
-    return ngx_http_modelcache_handler_failure(r, ctx);
 }
 
 
@@ -640,6 +742,18 @@ ngx_http_modelcache_count(ngx_http_modelcache_ctx_t *ctx)
         counter = &c->expired;
         break;
 
+    case NGX_HTTP_MODELCACHE_STALE:
+        counter = &c->stale;
+        break;
+
+    case NGX_HTTP_MODELCACHE_UPDATING:
+        counter = &c->updating;
+        break;
+
+    case NGX_HTTP_MODELCACHE_BYPASS:
+        counter = &c->bypass;
+        break;
+
     case NGX_HTTP_MODELCACHE_ERROR:
         counter = &c->errors;
         break;
@@ -660,6 +774,11 @@ ngx_http_modelcache_ctx_cleanup(void *data)
     if (ctx->node) {
         ngx_http_modelcache_zone_unpin(ctx->zone, ctx->node);
         ctx->node = NULL;
+    }
+
+    if (ctx->stale) {
+        ngx_http_modelcache_zone_unpin(ctx->zone, ctx->stale);
+        ctx->stale = NULL;
     }
 
     ngx_http_modelcache_fetch_cleanup(ctx);

@@ -111,12 +111,15 @@ ngx_http_modelcache_zone_init(ngx_shm_zone_t *shm_zone, void *data)
 
 /*
  * A fresh entry is pinned and returned (HIT): the caller serves its body
- * straight from shared memory and unpins when the request is done.
+ * straight from shared memory and unpins when the request is done.  An
+ * entry expired less than "stale" seconds ago is pinned too (EXPIRED,
+ * *stalep), for stale-while-revalidate and stale-if-error.
  */
 
 ngx_http_modelcache_status_e
 ngx_http_modelcache_zone_lookup(ngx_http_modelcache_zone_t *zone, u_char *key,
-    ngx_http_modelcache_node_t **nodep)
+    time_t stale, ngx_http_modelcache_node_t **nodep,
+    ngx_http_modelcache_node_t **stalep)
 {
     time_t                        now;
     ngx_http_modelcache_node_t   *node;
@@ -140,6 +143,11 @@ ngx_http_modelcache_zone_lookup(ngx_http_modelcache_zone_t *zone, u_char *key,
             status = NGX_HTTP_MODELCACHE_HIT;
 
         } else {
+            if (node->expires + stale > now) {
+                node->pins++;
+                *stalep = node;
+            }
+
             status = NGX_HTTP_MODELCACHE_EXPIRED;
         }
     }
