@@ -73,7 +73,7 @@ ngx_http_modelcache_fetch_start(ngx_http_request_t *r,
     {
         ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
                       "modelcache_pass \"%V\" is not a safe local URI",
-                      &ctx->pass);
+                      ngx_http_modelcache_log_escape(r->pool, &ctx->pass));
         ngx_str_set(&msg, "modelcache_pass is not a safe local URI");
         return ngx_http_modelcache_send_json_error(r,
                                         NGX_HTTP_INTERNAL_SERVER_ERROR,
