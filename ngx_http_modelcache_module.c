@@ -287,6 +287,21 @@ ngx_http_modelcache_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
         return NGX_CONF_ERROR;
     }
 
+    /* a content handler set after ours (proxy_pass does not check) */
+
+    if ((conf->shm_zone && clcf->handler != ngx_http_modelcache_handler)
+        || (conf->purge_zone
+            && clcf->handler != ngx_http_modelcache_purge_handler)
+        || (conf->stats_zone
+            && clcf->handler != ngx_http_modelcache_stats_handler))
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "a modelcache directive in location \"%V\" "
+                           "conflicts with another content handler",
+                           &clcf->name);
+        return NGX_CONF_ERROR;
+    }
+
     return NGX_CONF_OK;
 }
 
@@ -336,11 +351,17 @@ ngx_http_modelcache_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     size = 0;
     max_entry = NGX_CONF_UNSET_SIZE;
     inactive = 3600;
-    name.len = 0;
+    ngx_str_null(&name);
 
     for (i = 1; i < cf->args->nelts; i++) {
 
         if (ngx_strncmp(value[i].data, "zone=", 5) == 0) {
+
+            if (name.data) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "duplicate parameter \"%V\"", &value[i]);
+                return NGX_CONF_ERROR;
+            }
 
             name.data = value[i].data + 5;
             p = (u_char *) ngx_strchr(name.data, ':');
@@ -353,6 +374,12 @@ ngx_http_modelcache_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             }
 
             name.len = p - name.data;
+
+            if (name.len == 0) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid zone name in \"%V\"", &value[i]);
+                return NGX_CONF_ERROR;
+            }
 
             s.data = p + 1;
             s.len = value[i].data + value[i].len - s.data;
@@ -413,7 +440,7 @@ ngx_http_modelcache_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return NGX_CONF_ERROR;
     }
 
-    if (name.len == 0) {
+    if (name.data == NULL) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "\"%V\" must have \"zone\" parameter",
                            &cmd->name);

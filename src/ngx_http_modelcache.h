@@ -306,6 +306,7 @@ ngx_int_t ngx_http_modelcache_send_json_error(ngx_http_request_t *r,
     ngx_uint_t status, const char *type, ngx_str_t *message);
 ngx_int_t ngx_http_modelcache_send_not_allowed(ngx_http_request_t *r,
     char *allow);
+ngx_str_t *ngx_http_modelcache_log_escape(ngx_pool_t *pool, ngx_str_t *src);
 ngx_int_t ngx_http_modelcache_add_variables(ngx_conf_t *cf);
 
 /* admin handlers */

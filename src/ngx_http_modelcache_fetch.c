@@ -378,7 +378,7 @@ ngx_http_modelcache_fetch_subrequest(ngx_http_request_t *r,
     {
         ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
                       "modelcache_pass \"%V\" is not a safe local URI",
-                      &ctx->pass);
+                      ngx_http_modelcache_log_escape(r->pool, &ctx->pass));
         return NGX_DECLINED;
     }
 

@@ -403,7 +403,8 @@ ngx_http_modelcache_settle_error(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx, ngx_uint_t status, ngx_str_t *reason)
 {
     ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                  "modelcache: %V, nothing stored", reason);
+                  "modelcache: %V, nothing stored",
+                  ngx_http_modelcache_log_escape(r->pool, reason));
 
     ctx->failure.status = status;
     ngx_str_set(&ctx->failure.content_type, "application/json");
@@ -670,6 +671,42 @@ ngx_http_modelcache_send_not_allowed(ngx_http_request_t *r, char *allow)
     return ngx_http_modelcache_send_json_error(r, NGX_HTTP_NOT_ALLOWED,
                                                "modelcache_method_not_allowed",
                                                &msg);
+}
+
+
+/*
+ * Client and provider bytes (purge filters, evaluated pass URIs, parser
+ * messages quoting a body) go into log lines escaped as JSON strings are,
+ * so that none can end a line or forge another.
+ */
+
+ngx_str_t *
+ngx_http_modelcache_log_escape(ngx_pool_t *pool, ngx_str_t *src)
+{
+    size_t            n;
+    ngx_str_t        *dst;
+    static ngx_str_t  unloggable = ngx_string("(not logged: out of memory)");
+
+    n = ngx_escape_json(NULL, src->data, src->len);
+
+    if (n == 0) {
+        return src;
+    }
+
+    dst = ngx_palloc(pool, sizeof(ngx_str_t));
+    if (dst == NULL) {
+        return &unloggable;
+    }
+
+    dst->data = ngx_pnalloc(pool, src->len + n);
+    if (dst->data == NULL) {
+        return &unloggable;
+    }
+
+    dst->len = (u_char *) ngx_escape_json(dst->data, src->data, src->len)
+               - dst->data;
+
+    return dst;
 }
 
 

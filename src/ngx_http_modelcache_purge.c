@@ -60,8 +60,10 @@ ngx_http_modelcache_purge_handler(ngx_http_request_t *r)
                   "modelcache purge in zone \"%V\": scope %s\"%V\" "
                   "pass %s\"%V\", %ui entries purged",
                   &zone->shm_zone->shm.name,
-                  scope.data ? "" : "(any) ", &scope,
-                  pass.data ? "" : "(any) ", &pass, n);
+                  scope.data ? "" : "(any) ",
+                  ngx_http_modelcache_log_escape(r->pool, &scope),
+                  pass.data ? "" : "(any) ",
+                  ngx_http_modelcache_log_escape(r->pool, &pass), n);
 
     b = ngx_create_temp_buf(r->pool, sizeof("{\"purged\":}\n") - 1
                                      + NGX_INT_T_LEN);
