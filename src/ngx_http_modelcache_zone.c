@@ -34,8 +34,8 @@ static void ngx_http_modelcache_zone_failure_free_locked(
     ngx_http_modelcache_zone_t *zone, ngx_http_modelcache_lock_t *lk);
 static void ngx_http_modelcache_zone_free_lock_locked(
     ngx_http_modelcache_zone_t *zone, ngx_http_modelcache_lock_t *lk);
-static void ngx_http_modelcache_zone_expire_failed_locked(
-    ngx_http_modelcache_zone_t *zone, time_t now);
+static void ngx_http_modelcache_zone_drop_failed_locked(
+    ngx_http_modelcache_zone_t *zone, time_t before);
 
 
 ngx_int_t
@@ -299,6 +299,12 @@ ngx_http_modelcache_zone_purge(ngx_http_modelcache_zone_t *zone,
         n++;
     }
 
+    if (scope == NULL && pass == NULL) {
+        /* failed fetches' answers go too; fetches in flight stay */
+        ngx_http_modelcache_zone_drop_failed_locked(zone,
+                                                    NGX_MAX_TIME_T_VALUE);
+    }
+
     ngx_shmtx_unlock(&zone->shpool->mutex);
 
     (void) ngx_atomic_fetch_add(&zone->sh->counters.purged, n);
@@ -510,11 +516,14 @@ ngx_http_modelcache_zone_free_lock_locked(ngx_http_modelcache_zone_t *zone,
 }
 
 
-/* failed fetches' answers only matter to their waiters, for a moment */
+/*
+ * Failed fetches' answers only matter to their waiters, for a moment:
+ * those that failed before "before" go, oldest first.
+ */
 
 static void
-ngx_http_modelcache_zone_expire_failed_locked(ngx_http_modelcache_zone_t *zone,
-    time_t now)
+ngx_http_modelcache_zone_drop_failed_locked(ngx_http_modelcache_zone_t *zone,
+    time_t before)
 {
     ngx_queue_t                 *q;
     ngx_http_modelcache_lock_t  *lk;
@@ -523,7 +532,7 @@ ngx_http_modelcache_zone_expire_failed_locked(ngx_http_modelcache_zone_t *zone,
         q = ngx_queue_last(&zone->sh->failed);
         lk = ngx_queue_data(q, ngx_http_modelcache_lock_t, queue);
 
-        if (lk->failed + NGX_HTTP_MODELCACHE_FAILED_KEEP > now) {
+        if (lk->failed >= before) {
             return;
         }
 
@@ -581,7 +590,8 @@ ngx_http_modelcache_zone_alloc_locked(ngx_http_modelcache_zone_t *zone,
     now = ngx_time();
 
     ngx_http_modelcache_zone_expire_locked(zone, now);
-    ngx_http_modelcache_zone_expire_failed_locked(zone, now);
+    ngx_http_modelcache_zone_drop_failed_locked(zone,
+                                     now - NGX_HTTP_MODELCACHE_FAILED_KEEP + 1);
 
     p = ngx_slab_alloc_locked(zone->shpool, size);
 

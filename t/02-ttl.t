@@ -22,6 +22,10 @@ $t->write_conf(<<'EOF');
     log_format mc '$request_uri $status $modelcache_status $modelcache_age';
     access_log %%DIR%%/mc.log mc;
 
+    # plain TTL expiry: no stale answers here (t/11-stale.t has those)
+    modelcache_stale_while_revalidate 0;
+    modelcache_stale_if_error         0;
+
     modelcache_zone zone=models:8m;
     modelcache_zone zone=lazy:1m inactive=2s;
 

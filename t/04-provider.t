@@ -24,6 +24,10 @@ $t->mock_start;
 # on; /slow/X: the mock with a 1s read timeout; /nopass/X: no such location.
 
 $t->write_conf(<<'EOF');
+    # plain TTL expiry: no stale answers here (t/11-stale.t has those)
+    modelcache_stale_while_revalidate 0;
+    modelcache_stale_if_error         0;
+
     modelcache_zone zone=models:8m;
 
     server {

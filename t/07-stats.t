@@ -19,6 +19,10 @@ my $t = MCTest->new;
 $t->mock_start;
 
 $t->write_conf(<<'EOF');
+    # plain TTL expiry: no stale answers here (t/11-stale.t has those)
+    modelcache_stale_while_revalidate 0;
+    modelcache_stale_if_error         0;
+
     modelcache_zone zone=models:8m;
     modelcache_zone zone=other:1m;
 

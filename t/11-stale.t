@@ -33,7 +33,7 @@ $t->write_conf(<<'EOF');
         location /swr/ {
             modelcache                        models;
             modelcache_pass                   /_provider/v1/models?swr=1;
-            modelcache_ttl                    1s;
+            modelcache_ttl                    2s;
             modelcache_stale_while_revalidate 30s;
             modelcache_stale_if_error         0;
         }
@@ -110,7 +110,7 @@ is($r->{headers}{'x-modelcache-status'}, 'MISS', 'swr: first a MISS');
 my $first = seq_of($r->{content});
 cmp_ok($first, '>', 0, 'swr: a stamped body');
 
-sleep 2.2;
+sleep 3.2;
 
 my $res = burst(20, '/swr/a', Authorization => 'Bearer swr');
 is(scalar(grep { $_ && $_->{status} == 200 } @$res), 20, 'swr burst: all 200');
@@ -161,7 +161,7 @@ is($r->{status}, 200, 'ssi: 200');
 like($r->{content}, qr/^\[\{.*"mock_seq":\d+.*\}\s*\]$/s,
      'ssi: the list inside the page');
 my $ssi_first = seq_of($r->{content});
-sleep 2.2;
+sleep 3.2;
 $r = $t->get('/page', Authorization => 'Bearer ssi');
 is(seq_of($r->{content}), $ssi_first, 'ssi, expired: the stale list at once');
 ok($t->wait_for(sub { $t->mock_count('/v1/models') == 2 }),
@@ -176,7 +176,7 @@ $t->mock_reset;
 stamp_route();
 $r = $t->get('/swr/b', Authorization => 'Bearer swrfail');
 $first = seq_of($r->{content});
-sleep 2.2;
+sleep 3.2;
 $t->mock_route({ path => '/v1/models', status => 500, body => 'oops',
                  times => 1 });
 $r = $t->get('/swr/b', Authorization => 'Bearer swrfail');
@@ -279,7 +279,7 @@ is($s->{updating}, 19, 'stats: updating counted');
 $t->mock_reset;
 stamp_route();
 $t->get('/swr/q', Authorization => 'Bearer quit');
-sleep 2.2;
+sleep 3.2;
 stamp_route(delay_ms => 1000);
 $r = $t->get('/swr/q', Authorization => 'Bearer quit');
 is($r->{headers}{'x-modelcache-status'}, 'STALE', 'a refresh is in flight');
