@@ -329,7 +329,14 @@ ngx_http_modelcache_fetch_background(ngx_http_request_t *r,
         ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
                       "modelcache: cannot start a background refresh");
         ngx_http_modelcache_fetch_release(bg, NULL);
+        return;
     }
+
+    /*
+     * nginx keeps the connection until the refresh ends: the client's next
+     * request on it would wait for the provider, so it goes on another one
+     */
+    r->main->keepalive = 0;
 }
 
 

@@ -135,6 +135,33 @@ $r = $t->get('/swr/a', Authorization => 'Bearer swr');
 is($r->{headers}{'x-modelcache-status'}, 'HIT', 'after the refresh: HIT');
 cmp_ok(seq_of($r->{content}), '>', $first, 'with the refreshed body');
 
+# the request that starts a refresh closes its keep-alive connection:
+# nginx holds a connection until its background subrequest ends, and the
+# client's next request on it would wait for the provider
+
+sub keepalive_get {
+    my ($path, $auth) = @_;
+    my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1:' . $t->port,
+                                  Timeout => 10) or return undef;
+    print $s "GET $path HTTP/1.1\r\nHost: x\r\nAuthorization: $auth\r\n\r\n";
+    my $head = '';
+    while ($head !~ /\r\n\r\n/) {
+        my $n = sysread($s, $head, 4096, length $head) or last;
+    }
+    close $s;
+    return $head;
+}
+
+sleep 3.2;
+stamp_route(delay_ms => 300);
+my $head = keepalive_get('/swr/a', 'Bearer swr');
+like($head, qr/X-Modelcache-Status: STALE/, 'keep-alive request: STALE');
+like($head, qr/Connection: close/i, 'the one starting a refresh: Connection: close');
+$head = keepalive_get('/swr/a', 'Bearer swr');
+like($head, qr/X-Modelcache-Status: UPDATING/, 'next request: UPDATING');
+like($head, qr/Connection: keep-alive/i, 'an UPDATING answer keeps the connection');
+ok($t->wait_for(sub { $t->mock_count('/v1/models') == 3 }), 'refreshed');
+
 # beyond the window: a miss again, single flight
 
 $t->mock_reset;
