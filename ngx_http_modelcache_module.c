@@ -23,6 +23,8 @@ static char *ngx_http_modelcache_pass(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_modelcache_credentials(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
+static char *ngx_http_modelcache_bypass(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
 static char *ngx_http_modelcache_admin(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_modelcache_ttl_check(ngx_conf_t *cf, void *post,
@@ -88,6 +90,13 @@ static ngx_command_t  ngx_http_modelcache_commands[] = {
     { ngx_string("modelcache_credentials"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
       ngx_http_modelcache_credentials,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("modelcache_bypass"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
+      ngx_http_modelcache_bypass,
       NGX_HTTP_LOC_CONF_OFFSET,
       0,
       NULL },
@@ -236,6 +245,7 @@ ngx_http_modelcache_create_loc_conf(ngx_conf_t *cf)
 
     conf->ttl = NGX_CONF_UNSET;
     conf->credentials = NGX_CONF_UNSET_PTR;
+    conf->bypass = NGX_CONF_UNSET_PTR;
     conf->status_header = NGX_CONF_UNSET;
     conf->lock_timeout = NGX_CONF_UNSET_MSEC;
     conf->stale_while_revalidate = NGX_CONF_UNSET;
@@ -259,6 +269,7 @@ ngx_http_modelcache_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_sec_value(conf->ttl, prev->ttl, 60);
     ngx_conf_merge_ptr_value(conf->credentials, prev->credentials,
                              mmcf->credentials);
+    ngx_conf_merge_ptr_value(conf->bypass, prev->bypass, NULL);
     ngx_conf_merge_value(conf->status_header, prev->status_header, 1);
     ngx_conf_merge_msec_value(conf->lock_timeout, prev->lock_timeout, 5000);
     ngx_conf_merge_sec_value(conf->stale_while_revalidate,
@@ -614,6 +625,23 @@ ngx_http_modelcache_credentials(ngx_conf_t *cf, ngx_command_t *cmd,
     }
 
     return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_modelcache_bypass(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_modelcache_loc_conf_t *mlcf = conf;
+
+    if (mlcf->bypass != NGX_CONF_UNSET_PTR) {
+        return "is duplicate";
+    }
+
+    mlcf->bypass = ngx_http_modelcache_compile_values(cf,
+                                        (ngx_str_t *) cf->args->elts + 1,
+                                        cf->args->nelts - 1);
+
+    return mlcf->bypass ? NGX_CONF_OK : NGX_CONF_ERROR;
 }
 
 

@@ -50,7 +50,7 @@ typedef struct {
 
 
 /* the layout of _sh_t and its nodes; a zone of another layout is not reused */
-#define NGX_HTTP_MODELCACHE_MAGIC          0x6d6f64656c630002
+#define NGX_HTTP_MODELCACHE_MAGIC          0x6d6f64656c630003
 
 /* how long a failed fetch's answer stays for the requests that waited */
 #define NGX_HTTP_MODELCACHE_FAILED_KEEP    2
@@ -72,6 +72,7 @@ typedef struct {
     ngx_rbtree_t                     locks;
     ngx_rbtree_node_t                locks_sentinel;
     ngx_queue_t                      failed;       /* newest first */
+    ngx_uint_t                       fetch_seq;    /* fetch generations */
     ngx_http_modelcache_counters_t   counters;
 } ngx_http_modelcache_sh_t;
 
@@ -92,6 +93,8 @@ typedef struct {
     time_t                           fetched;
     time_t                           expires;
     time_t                           accessed;
+    ngx_uint_t                       gen;          /* of its fetch; 0: none */
+    ngx_msec_t                       started;      /* when its fetch began */
     size_t                           scope_len;
     size_t                           pass_len;
     size_t                           body_len;
@@ -111,7 +114,9 @@ typedef struct {
     u_char                           key[NGX_HTTP_MODELCACHE_KEY_LEN];
     ngx_pid_t                        owner;
     ngx_msec_t                       deadline;
+    ngx_msec_t                       started;
     ngx_uint_t                       gen;
+    ngx_uint_t                       bypass;       /* a refresh fetches */
     time_t                           failed;       /* 0: fetching */
     ngx_uint_t                       status;
     size_t                           type_len;
@@ -155,6 +160,7 @@ typedef struct {
     ngx_array_t                     *passes;       /* _pass_t */
     time_t                           ttl;
     ngx_http_complex_value_t        *scope;
+    ngx_array_t                     *bypass;       /* complex values */
     ngx_array_t                     *credentials;  /* complex values; NULL: off */
     ngx_flag_t                       status_header;
     ngx_msec_t                       lock_timeout;
@@ -224,6 +230,9 @@ typedef struct {
 
     /* single flight: the lock we own, or the fetch we wait for */
     ngx_uint_t                       lock_gen;
+    ngx_uint_t                       join_gen;     /* a bypass's fetch */
+    ngx_msec_t                       arrived;
+    ngx_msec_t                       started;      /* our fetch began */
     ngx_event_t                      wait_event;
     ngx_queue_t                      wait_queue;   /* this worker's waiters */
     ngx_msec_t                       wait_until;
@@ -234,6 +243,7 @@ typedef struct {
     unsigned                         waiting:1;
     unsigned                         waited:1;
     unsigned                         settled:1;
+    unsigned                         bypass:1;
 } ngx_http_modelcache_ctx_t;
 
 

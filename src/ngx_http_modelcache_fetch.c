@@ -87,7 +87,10 @@ ngx_http_modelcache_fetch(ngx_http_request_t *r,
                                           r->pool))
     {
     case NGX_HTTP_MODELCACHE_LOCK_HIT:
-        ctx->status = NGX_HTTP_MODELCACHE_HIT;
+        if (!ctx->bypass) {
+            ctx->status = NGX_HTTP_MODELCACHE_HIT;
+        }
+
         return ngx_http_modelcache_handler_serve(r, ctx, ctx->node);
 
     case NGX_HTTP_MODELCACHE_LOCK_FAILED:
@@ -402,6 +405,7 @@ ngx_http_modelcache_fetch_subrequest(ngx_http_request_t *r,
     }
 
     ctx->fetch.sr = sr;
+    ctx->started = ngx_current_msec;
 
     /* the copy filter, above ours, then hands us memory, never files */
     sr->filter_need_in_memory = 1;

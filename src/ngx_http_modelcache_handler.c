@@ -9,6 +9,8 @@
 #include "ngx_http_modelcache.h"
 
 
+static ngx_int_t ngx_http_modelcache_handler_bypass(ngx_http_request_t *r,
+    ngx_http_modelcache_loc_conf_t *mlcf, ngx_uint_t *bypass);
 static ngx_int_t ngx_http_modelcache_handler_revalidate(
     ngx_http_request_t *r, ngx_http_modelcache_ctx_t *ctx);
 static ngx_int_t ngx_http_modelcache_settle_failed(ngx_http_request_t *r,
@@ -74,6 +76,7 @@ ngx_int_t
 ngx_http_modelcache_handler(ngx_http_request_t *r)
 {
     ngx_int_t                        rc;
+    ngx_uint_t                       bypass;
     ngx_pool_cleanup_t              *cln;
     ngx_http_modelcache_ctx_t       *ctx;
     ngx_http_modelcache_loc_conf_t  *mlcf;
@@ -111,6 +114,17 @@ ngx_http_modelcache_handler(ngx_http_request_t *r)
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
+    if (ngx_http_modelcache_handler_bypass(r, mlcf, &bypass) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    if (bypass) {
+        ctx->bypass = 1;
+        ctx->arrived = ngx_current_msec;
+        ctx->status = NGX_HTTP_MODELCACHE_BYPASS;
+        return ngx_http_modelcache_fetch(r, ctx);
+    }
+
     ctx->status = ngx_http_modelcache_zone_lookup(ctx->zone, ctx->key,
                                   ngx_max(mlcf->stale_while_revalidate,
                                           mlcf->stale_if_error),
@@ -127,6 +141,39 @@ ngx_http_modelcache_handler(ngx_http_request_t *r)
     }
 
     return ngx_http_modelcache_fetch(r, ctx);
+}
+
+
+/* modelcache_bypass: any value neither empty nor "0" */
+
+static ngx_int_t
+ngx_http_modelcache_handler_bypass(ngx_http_request_t *r,
+    ngx_http_modelcache_loc_conf_t *mlcf, ngx_uint_t *bypass)
+{
+    ngx_str_t                  value;
+    ngx_uint_t                 i;
+    ngx_http_complex_value_t  *cv;
+
+    *bypass = 0;
+
+    if (mlcf->bypass == NULL) {
+        return NGX_OK;
+    }
+
+    cv = mlcf->bypass->elts;
+
+    for (i = 0; i < mlcf->bypass->nelts; i++) {
+        if (ngx_http_complex_value(r, &cv[i], &value) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+        if (value.len && !(value.len == 1 && value.data[0] == '0')) {
+            *bypass = 1;
+            return NGX_OK;
+        }
+    }
+
+    return NGX_OK;
 }
 
 

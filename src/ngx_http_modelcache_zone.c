@@ -24,7 +24,8 @@ static void *ngx_http_modelcache_zone_alloc(ngx_http_modelcache_zone_t *zone,
 static void *ngx_http_modelcache_zone_alloc_locked(
     ngx_http_modelcache_zone_t *zone, size_t size);
 static ngx_http_modelcache_node_t *ngx_http_modelcache_zone_fresh_locked(
-    ngx_http_modelcache_zone_t *zone, u_char *key, time_t now);
+    ngx_http_modelcache_zone_t *zone, ngx_http_modelcache_ctx_t *ctx,
+    time_t now);
 static ngx_http_modelcache_lock_t *ngx_http_modelcache_zone_find_lock_locked(
     ngx_http_modelcache_zone_t *zone, u_char *key);
 static ngx_int_t ngx_http_modelcache_zone_failure_copy(
@@ -213,6 +214,8 @@ ngx_http_modelcache_zone_store(ngx_http_modelcache_zone_t *zone,
     node->fetched = now;
     node->expires = now + ttl;
     node->accessed = now;
+    node->gen = ctx->lock_owner ? ctx->lock_gen : 0;
+    node->started = ctx->started;
 
     node->scope_len = ctx->scope.len;
     node->pass_len = ctx->pass.len;
@@ -336,7 +339,7 @@ ngx_http_modelcache_zone_lock(ngx_http_modelcache_zone_t *zone,
 
     ngx_shmtx_lock(&zone->shpool->mutex);
 
-    ctx->node = ngx_http_modelcache_zone_fresh_locked(zone, ctx->key, now);
+    ctx->node = ngx_http_modelcache_zone_fresh_locked(zone, ctx, now);
 
     if (ctx->node) {
         rc = NGX_HTTP_MODELCACHE_LOCK_HIT;
@@ -347,11 +350,26 @@ ngx_http_modelcache_zone_lock(ngx_http_modelcache_zone_t *zone,
 
     if (lk && !lk->failed && (ngx_msec_int_t) (lk->deadline - msec) > 0) {
         ctx->lock_gen = lk->gen;
+
+        /*
+         * A bypass takes the answer of a refresh in flight (a burst of
+         * refreshes is one) or of a fetch begun after it arrived; an
+         * older fetch may predate what the client wants to see: it waits
+         * for that one to end, then fetches.
+         */
+        if (ctx->bypass
+            && (lk->bypass || (ngx_msec_int_t) (lk->started - ctx->arrived)
+                              >= 0))
+        {
+            ctx->join_gen = lk->gen;
+        }
+
         rc = NGX_HTTP_MODELCACHE_LOCK_BUSY;
         goto done;
     }
 
     if (lk && lk->failed && ctx->waited && lk->gen == ctx->lock_gen
+        && (!ctx->bypass || lk->gen == ctx->join_gen)
         && lk->failed + NGX_HTTP_MODELCACHE_FAILED_KEEP > now)
     {
         /* no answer kept (status 0): each waiter fetches for itself */
@@ -389,7 +407,9 @@ ngx_http_modelcache_zone_lock(ngx_http_modelcache_zone_t *zone,
 
     lk->owner = ngx_pid;
     lk->deadline = msec + timeout;
-    lk->gen++;
+    lk->started = msec;
+    lk->gen = ++zone->sh->fetch_seq;
+    lk->bypass = ctx->bypass;
 
     ctx->lock_gen = lk->gen;
     ctx->lock_owner = 1;
@@ -716,17 +736,27 @@ ngx_http_modelcache_zone_find_locked(ngx_http_modelcache_zone_t *zone,
 }
 
 
-/* a fresh entry, pinned, or NULL */
+/*
+ * A fresh entry, pinned, or NULL.  For a bypass, only the answer of the
+ * fetch it joined or of one begun after it arrived.
+ */
 
 static ngx_http_modelcache_node_t *
 ngx_http_modelcache_zone_fresh_locked(ngx_http_modelcache_zone_t *zone,
-    u_char *key, time_t now)
+    ngx_http_modelcache_ctx_t *ctx, time_t now)
 {
     ngx_http_modelcache_node_t  *node;
 
-    node = ngx_http_modelcache_zone_find_locked(zone, key);
+    node = ngx_http_modelcache_zone_find_locked(zone, ctx->key);
 
     if (node == NULL || node->expires <= now) {
+        return NULL;
+    }
+
+    if (ctx->bypass
+        && !(ctx->join_gen && node->gen == ctx->join_gen)
+        && (ngx_msec_int_t) (node->started - ctx->arrived) < 0)
+    {
         return NULL;
     }
 
