@@ -50,7 +50,13 @@ typedef struct {
 
 
 /* the layout of _sh_t and its nodes; a zone of another layout is not reused */
-#define NGX_HTTP_MODELCACHE_MAGIC          0x6d6f64656c630003
+#define NGX_HTTP_MODELCACHE_MAGIC          0x6d6f64656c630004
+
+/* how often a newcomer may check that a fetch's owner still exists (ms) */
+#define NGX_HTTP_MODELCACHE_OWNER_CHECK    50
+
+/* pins are kept by process, so that a killed worker's can be released */
+#define NGX_HTTP_MODELCACHE_PIN_SLOTS      8
 
 /* how long a failed fetch's answer stays for the requests that waited */
 #define NGX_HTTP_MODELCACHE_FAILED_KEEP    2
@@ -68,6 +74,7 @@ typedef struct {
     ngx_rbtree_t                     rbtree;
     ngx_rbtree_node_t                sentinel;
     ngx_queue_t                      lru;          /* most recent first */
+    ngx_queue_t                      dead;         /* unlinked, pinned */
     ngx_uint_t                       entries;
     ngx_rbtree_t                     locks;
     ngx_rbtree_node_t                locks_sentinel;
@@ -75,6 +82,12 @@ typedef struct {
     ngx_uint_t                       fetch_seq;    /* fetch generations */
     ngx_http_modelcache_counters_t   counters;
 } ngx_http_modelcache_sh_t;
+
+
+typedef struct {
+    ngx_pid_t                        pid;
+    ngx_uint_t                       n;
+} ngx_http_modelcache_pin_t;
 
 
 /*
@@ -89,7 +102,8 @@ typedef struct {
     u_char                           key[NGX_HTTP_MODELCACHE_KEY_LEN];
     u_char                           etag[NGX_HTTP_MODELCACHE_ETAG_LEN];
     unsigned                         dead:1;       /* unlinked, not freed */
-    ngx_uint_t                       pins;
+    ngx_uint_t                       pins;         /* all, pin[] and more */
+    ngx_http_modelcache_pin_t        pin[NGX_HTTP_MODELCACHE_PIN_SLOTS];
     time_t                           fetched;
     time_t                           expires;
     time_t                           accessed;
@@ -115,6 +129,7 @@ typedef struct {
     ngx_pid_t                        owner;
     ngx_msec_t                       deadline;
     ngx_msec_t                       started;
+    ngx_msec_t                       checked;      /* owner seen alive */
     ngx_uint_t                       gen;
     ngx_uint_t                       bypass;       /* a refresh fetches */
     time_t                           failed;       /* 0: fetching */

@@ -19,6 +19,15 @@ static void ngx_http_modelcache_zone_expire_locked(
     ngx_http_modelcache_zone_t *zone, time_t now);
 static ngx_int_t ngx_http_modelcache_zone_evict_locked(
     ngx_http_modelcache_zone_t *zone);
+static void ngx_http_modelcache_zone_pin_locked(
+    ngx_http_modelcache_node_t *node);
+static ngx_uint_t ngx_http_modelcache_zone_pinned_locked(
+    ngx_http_modelcache_node_t *node);
+static void ngx_http_modelcache_zone_collect_locked(
+    ngx_http_modelcache_zone_t *zone);
+static ngx_uint_t ngx_http_modelcache_zone_owner_alive(
+    ngx_http_modelcache_lock_t *lk, ngx_msec_t msec);
+static ngx_uint_t ngx_http_modelcache_zone_gone(ngx_pid_t pid);
 static void *ngx_http_modelcache_zone_alloc(ngx_http_modelcache_zone_t *zone,
     size_t size);
 static void *ngx_http_modelcache_zone_alloc_locked(
@@ -91,6 +100,7 @@ ngx_http_modelcache_zone_init(ngx_shm_zone_t *shm_zone, void *data)
                     ngx_http_modelcache_zone_rbtree_insert);
 
     ngx_queue_init(&zone->sh->lru);
+    ngx_queue_init(&zone->sh->dead);
     ngx_queue_init(&zone->sh->failed);
 
     len = sizeof(" in modelcache zone \"\"") + shm_zone->shm.name.len;
@@ -139,13 +149,13 @@ ngx_http_modelcache_zone_lookup(ngx_http_modelcache_zone_t *zone, u_char *key,
         ngx_queue_insert_head(&zone->sh->lru, &node->queue);
 
         if (node->expires > now) {
-            node->pins++;
+            ngx_http_modelcache_zone_pin_locked(node);
             *nodep = node;
             status = NGX_HTTP_MODELCACHE_HIT;
 
         } else {
             if (node->expires + stale > now) {
-                node->pins++;
+                ngx_http_modelcache_zone_pin_locked(node);
                 *stalep = node;
             }
 
@@ -163,15 +173,137 @@ void
 ngx_http_modelcache_zone_unpin(ngx_http_modelcache_zone_t *zone,
     ngx_http_modelcache_node_t *node)
 {
+    ngx_uint_t                  i;
+    ngx_http_modelcache_pin_t  *pin;
+
     ngx_shmtx_lock(&zone->shpool->mutex);
 
     node->pins--;
 
+    for (i = 0; i < NGX_HTTP_MODELCACHE_PIN_SLOTS; i++) {
+        pin = &node->pin[i];
+
+        if (pin->pid == ngx_pid && pin->n) {
+            pin->n--;
+            break;
+        }
+    }
+
     if (node->dead && node->pins == 0) {
+        ngx_queue_remove(&node->queue);
         ngx_slab_free_locked(zone->shpool, node);
     }
 
     ngx_shmtx_unlock(&zone->shpool->mutex);
+}
+
+
+/* a pin goes in this process's slot; beyond the slots, it is only counted */
+
+static void
+ngx_http_modelcache_zone_pin_locked(ngx_http_modelcache_node_t *node)
+{
+    ngx_uint_t                  i;
+    ngx_http_modelcache_pin_t  *pin, *free;
+
+    node->pins++;
+    free = NULL;
+
+    for (i = 0; i < NGX_HTTP_MODELCACHE_PIN_SLOTS; i++) {
+        pin = &node->pin[i];
+
+        if (pin->n && pin->pid == ngx_pid) {
+            pin->n++;
+            return;
+        }
+
+        if (pin->n == 0 && free == NULL) {
+            free = pin;
+        }
+    }
+
+    if (free) {
+        free->pid = ngx_pid;
+        free->n = 1;
+    }
+}
+
+
+/*
+ * Whether the entry is being sent; pins of processes that no longer exist
+ * (a worker killed while sending) are released on the way.
+ */
+
+static ngx_uint_t
+ngx_http_modelcache_zone_pinned_locked(ngx_http_modelcache_node_t *node)
+{
+    ngx_uint_t                  i;
+    ngx_http_modelcache_pin_t  *pin;
+
+    for (i = 0; node->pins && i < NGX_HTTP_MODELCACHE_PIN_SLOTS; i++) {
+        pin = &node->pin[i];
+
+        if (pin->n && pin->pid != ngx_pid
+            && ngx_http_modelcache_zone_gone(pin->pid))
+        {
+            node->pins -= pin->n;
+            pin->n = 0;
+        }
+    }
+
+    return node->pins;
+}
+
+
+/* entries unlinked while pinned: freed once their readers are gone */
+
+static void
+ngx_http_modelcache_zone_collect_locked(ngx_http_modelcache_zone_t *zone)
+{
+    ngx_queue_t                 *q, *next;
+    ngx_http_modelcache_node_t  *node;
+
+    for (q = ngx_queue_head(&zone->sh->dead);
+         q != ngx_queue_sentinel(&zone->sh->dead);
+         q = next)
+    {
+        next = ngx_queue_next(q);
+        node = ngx_queue_data(q, ngx_http_modelcache_node_t, queue);
+
+        if (!ngx_http_modelcache_zone_pinned_locked(node)) {
+            ngx_queue_remove(&node->queue);
+            ngx_slab_free_locked(zone->shpool, node);
+        }
+    }
+}
+
+
+/*
+ * A newcomer does not wait for a killed worker's fetch until its deadline;
+ * the owner is looked for at most every OWNER_CHECK ms per lock.
+ */
+
+static ngx_uint_t
+ngx_http_modelcache_zone_owner_alive(ngx_http_modelcache_lock_t *lk,
+    ngx_msec_t msec)
+{
+    if (lk->owner == ngx_pid
+        || (ngx_msec_int_t) (msec - lk->checked)
+           < NGX_HTTP_MODELCACHE_OWNER_CHECK)
+    {
+        return 1;
+    }
+
+    lk->checked = msec;
+
+    return !ngx_http_modelcache_zone_gone(lk->owner);
+}
+
+
+static ngx_uint_t
+ngx_http_modelcache_zone_gone(ngx_pid_t pid)
+{
+    return kill(pid, 0) == -1 && ngx_errno == NGX_ESRCH;
 }
 
 
@@ -348,7 +480,9 @@ ngx_http_modelcache_zone_lock(ngx_http_modelcache_zone_t *zone,
 
     lk = ngx_http_modelcache_zone_find_lock_locked(zone, ctx->key);
 
-    if (lk && !lk->failed && (ngx_msec_int_t) (lk->deadline - msec) > 0) {
+    if (lk && !lk->failed && (ngx_msec_int_t) (lk->deadline - msec) > 0
+        && (ctx->waited || ngx_http_modelcache_zone_owner_alive(lk, msec)))
+    {
         ctx->lock_gen = lk->gen;
 
         /*
@@ -408,6 +542,7 @@ ngx_http_modelcache_zone_lock(ngx_http_modelcache_zone_t *zone,
     lk->owner = ngx_pid;
     lk->deadline = msec + timeout;
     lk->started = msec;
+    lk->checked = msec;
     lk->gen = ++zone->sh->fetch_seq;
     lk->bypass = ctx->bypass;
 
@@ -609,6 +744,7 @@ ngx_http_modelcache_zone_alloc_locked(ngx_http_modelcache_zone_t *zone,
 
     now = ngx_time();
 
+    ngx_http_modelcache_zone_collect_locked(zone);
     ngx_http_modelcache_zone_expire_locked(zone, now);
     ngx_http_modelcache_zone_drop_failed_locked(zone,
                                      now - NGX_HTTP_MODELCACHE_FAILED_KEEP + 1);
@@ -648,7 +784,7 @@ ngx_http_modelcache_zone_expire_locked(ngx_http_modelcache_zone_t *zone,
             return;
         }
 
-        if (node->pins) {
+        if (ngx_http_modelcache_zone_pinned_locked(node)) {
             continue;
         }
 
@@ -673,7 +809,7 @@ ngx_http_modelcache_zone_evict_locked(ngx_http_modelcache_zone_t *zone)
     {
         node = ngx_queue_data(q, ngx_http_modelcache_node_t, queue);
 
-        if (node->pins == 0) {
+        if (!ngx_http_modelcache_zone_pinned_locked(node)) {
             ngx_http_modelcache_zone_unlink_locked(zone, node);
             (void) ngx_atomic_fetch_add(&zone->sh->counters.evictions, 1);
             return NGX_OK;
@@ -684,7 +820,10 @@ ngx_http_modelcache_zone_evict_locked(ngx_http_modelcache_zone_t *zone)
 }
 
 
-/* out of the tree and the LRU; freed now, or by the last unpin */
+/*
+ * Out of the tree and the LRU; freed now, or, on the dead queue, by the
+ * last unpin or once its readers' processes are gone.
+ */
 
 static void
 ngx_http_modelcache_zone_unlink_locked(ngx_http_modelcache_zone_t *zone,
@@ -698,7 +837,10 @@ ngx_http_modelcache_zone_unlink_locked(ngx_http_modelcache_zone_t *zone,
 
     if (node->pins == 0) {
         ngx_slab_free_locked(zone->shpool, node);
+        return;
     }
+
+    ngx_queue_insert_tail(&zone->sh->dead, &node->queue);
 }
 
 
@@ -763,7 +905,7 @@ ngx_http_modelcache_zone_fresh_locked(ngx_http_modelcache_zone_t *zone,
     node->accessed = now;
     ngx_queue_remove(&node->queue);
     ngx_queue_insert_head(&zone->sh->lru, &node->queue);
-    node->pins++;
+    ngx_http_modelcache_zone_pin_locked(node);
 
     return node;
 }
