@@ -108,7 +108,8 @@ ngx_http_modelcache_fetch(ngx_http_request_t *r,
 
     case NGX_HTTP_MODELCACHE_LOCK_TAKEN:
         ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                      "modelcache: lock timeout, fetching for this request");
+                      "modelcache: lock timeout or lost owner, fetching "
+                      "for this request");
         break;
 
     default: /* OWNER, NONE */
