@@ -28,6 +28,8 @@ static void ngx_http_modelcache_zone_collect_locked(
 static ngx_uint_t ngx_http_modelcache_zone_owner_alive(
     ngx_http_modelcache_lock_t *lk, ngx_msec_t msec);
 static ngx_uint_t ngx_http_modelcache_zone_gone(ngx_pid_t pid);
+static u_char *ngx_http_modelcache_zone_copy(u_char *dst, u_char *src,
+    size_t len);
 static void *ngx_http_modelcache_zone_alloc(ngx_http_modelcache_zone_t *zone,
     size_t size);
 static void *ngx_http_modelcache_zone_alloc_locked(
@@ -300,6 +302,15 @@ ngx_http_modelcache_zone_owner_alive(ngx_http_modelcache_lock_t *lk,
 }
 
 
+/* an empty string may have no data at all: memcpy() must not see it */
+
+static u_char *
+ngx_http_modelcache_zone_copy(u_char *dst, u_char *src, size_t len)
+{
+    return len ? ngx_cpymem(dst, src, len) : dst;
+}
+
+
 static ngx_uint_t
 ngx_http_modelcache_zone_gone(ngx_pid_t pid)
 {
@@ -353,10 +364,11 @@ ngx_http_modelcache_zone_store(ngx_http_modelcache_zone_t *zone,
     node->pass_len = ctx->pass.len;
     node->body_len = ctx->fetch.len;
 
-    p = ngx_cpymem(node->data, ctx->scope.data, ctx->scope.len);
-    p = ngx_cpymem(p, ctx->pass.data, ctx->pass.len);
+    p = ngx_http_modelcache_zone_copy(node->data, ctx->scope.data,
+                                      ctx->scope.len);
+    p = ngx_http_modelcache_zone_copy(p, ctx->pass.data, ctx->pass.len);
     node->body = p;
-    ngx_memcpy(p, ctx->fetch.body, ctx->fetch.len);
+    (void) ngx_http_modelcache_zone_copy(p, ctx->fetch.body, ctx->fetch.len);
 
     ngx_shmtx_lock(&zone->shpool->mutex);
 
@@ -610,8 +622,10 @@ ngx_http_modelcache_zone_unlock(ngx_http_modelcache_zone_t *zone,
     lk->type_len = failure->content_type.len;
     lk->body_len = failure->body.len;
 
-    p = ngx_cpymem(p, failure->content_type.data, failure->content_type.len);
-    ngx_memcpy(p, failure->body.data, failure->body.len);
+    p = ngx_http_modelcache_zone_copy(p, failure->content_type.data,
+                                      failure->content_type.len);
+    (void) ngx_http_modelcache_zone_copy(p, failure->body.data,
+                                         failure->body.len);
 
 done:
 
