@@ -13,6 +13,8 @@ static void ngx_http_modelcache_zone_rbtree_insert(ngx_rbtree_node_t *temp,
     ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel);
 static ngx_http_modelcache_node_t *ngx_http_modelcache_zone_find_locked(
     ngx_http_modelcache_zone_t *zone, u_char *key);
+static ngx_rbtree_node_t *ngx_http_modelcache_zone_find_in(ngx_rbtree_t *tree,
+    u_char *key);
 static void ngx_http_modelcache_zone_unlink_locked(
     ngx_http_modelcache_zone_t *zone, ngx_http_modelcache_node_t *node);
 static void ngx_http_modelcache_zone_expire_locked(
@@ -862,14 +864,27 @@ static ngx_http_modelcache_node_t *
 ngx_http_modelcache_zone_find_locked(ngx_http_modelcache_zone_t *zone,
     u_char *key)
 {
+    return (ngx_http_modelcache_node_t *)
+               ngx_http_modelcache_zone_find_in(&zone->sh->rbtree, key);
+}
+
+
+/*
+ * Both trees: _node_t and _lock_t start alike (node, queue, key), so one
+ * walk, and one insert function, serve entries and locks.
+ */
+
+static ngx_rbtree_node_t *
+ngx_http_modelcache_zone_find_in(ngx_rbtree_t *tree, u_char *key)
+{
     ngx_int_t           rc;
     ngx_rbtree_key_t    hash;
     ngx_rbtree_node_t  *node, *sentinel;
 
     ngx_memcpy(&hash, key, sizeof(ngx_rbtree_key_t));
 
-    node = zone->sh->rbtree.root;
-    sentinel = zone->sh->rbtree.sentinel;
+    node = tree->root;
+    sentinel = tree->sentinel;
 
     while (node != sentinel) {
 
@@ -882,7 +897,7 @@ ngx_http_modelcache_zone_find_locked(ngx_http_modelcache_zone_t *zone,
                         NGX_HTTP_MODELCACHE_KEY_LEN);
 
         if (rc == 0) {
-            return (ngx_http_modelcache_node_t *) node;
+            return node;
         }
 
         node = (rc < 0) ? node->left : node->right;
@@ -929,37 +944,10 @@ static ngx_http_modelcache_lock_t *
 ngx_http_modelcache_zone_find_lock_locked(ngx_http_modelcache_zone_t *zone,
     u_char *key)
 {
-    ngx_int_t           rc;
-    ngx_rbtree_key_t    hash;
-    ngx_rbtree_node_t  *node, *sentinel;
-
-    ngx_memcpy(&hash, key, sizeof(ngx_rbtree_key_t));
-
-    node = zone->sh->locks.root;
-    sentinel = zone->sh->locks.sentinel;
-
-    while (node != sentinel) {
-
-        if (hash != node->key) {
-            node = (hash < node->key) ? node->left : node->right;
-            continue;
-        }
-
-        rc = ngx_memcmp(key, ((ngx_http_modelcache_lock_t *) node)->key,
-                        NGX_HTTP_MODELCACHE_KEY_LEN);
-
-        if (rc == 0) {
-            return (ngx_http_modelcache_lock_t *) node;
-        }
-
-        node = (rc < 0) ? node->left : node->right;
-    }
-
-    return NULL;
+    return (ngx_http_modelcache_lock_t *)
+               ngx_http_modelcache_zone_find_in(&zone->sh->locks, key);
 }
 
-
-/* _lock_t starts as _node_t does (node, queue, key): one insert serves both */
 
 static void
 ngx_http_modelcache_zone_rbtree_insert(ngx_rbtree_node_t *temp,
