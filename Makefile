@@ -5,6 +5,9 @@
 #   make run          the module in front of a demo provider on :8080
 #   make stop         stop what "make run" started
 #   make test         the whole suite under prove
+#   make asan         the suite against nginx 1.22.1 from Debian's source
+#                     package and the module, both built with ASan + UBSan
+#                     (in build/asan; scripts/asan.sh)
 #
 # Missing Debian packages are installed first (make deps).
 
@@ -54,7 +57,9 @@ $(SRCTREE)/objs/Makefile: config $(BUILD)/.deps
 
 $(MODULE): $(SRCTREE)/objs/Makefile $(SOURCES)
 	$(MAKE) -C $(SRCTREE) -f objs/Makefile modules
-	cp $(SRCTREE)/objs/ngx_http_modelcache_module.so $@
+	@# a new file renamed over the old: a running nginx keeps its mapping
+	cp $(SRCTREE)/objs/ngx_http_modelcache_module.so $@.tmp
+	mv -f $@.tmp $@
 
 run: $(MODULE)
 	@bash examples/run.sh start
@@ -65,6 +70,10 @@ stop:
 test: $(MODULE)
 	NGINX_BIN=$(NGINX_BIN) MODELCACHE_MODULE=$(CURDIR)/$(MODULE) \
 	    prove $(PROVE_FLAGS) t/
+
+.PHONY: asan
+asan:
+	PROVE_FLAGS='$(PROVE_FLAGS)' bash scripts/asan.sh
 
 clean:
 	rm -rf $(BUILD)

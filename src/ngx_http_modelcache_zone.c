@@ -283,8 +283,9 @@ ngx_http_modelcache_zone_collect_locked(ngx_http_modelcache_zone_t *zone)
 
 
 /*
- * A newcomer does not wait for a killed worker's fetch until its deadline;
- * the owner is looked for at most every OWNER_CHECK ms per lock.
+ * Nobody waits for a killed worker's fetch until its deadline: the owner
+ * is looked for at most every OWNER_CHECK ms per lock (a worker killed a
+ * moment ago may still be a zombie, alive to kill(); the next look sees).
  */
 
 static ngx_uint_t
@@ -495,7 +496,7 @@ ngx_http_modelcache_zone_lock(ngx_http_modelcache_zone_t *zone,
     lk = ngx_http_modelcache_zone_find_lock_locked(zone, ctx->key);
 
     if (lk && !lk->failed && (ngx_msec_int_t) (lk->deadline - msec) > 0
-        && (ctx->waited || ngx_http_modelcache_zone_owner_alive(lk, msec)))
+        && ngx_http_modelcache_zone_owner_alive(lk, msec))
     {
         ctx->lock_gen = lk->gen;
 
