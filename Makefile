@@ -5,6 +5,7 @@
 #   make run          the module in front of a demo provider on :8080
 #   make stop         stop what "make run" started
 #   make test         the whole suite under prove
+#   make bench        bench/stampede and bench/expiry, next to proxy_cache
 #   make asan         the suite against nginx 1.22.1 from Debian's source
 #                     package and the module, both built with ASan + UBSan
 #                     (in build/asan; scripts/asan.sh)
@@ -71,7 +72,15 @@ test: $(MODULE)
 	NGINX_BIN=$(NGINX_BIN) MODELCACHE_MODULE=$(CURDIR)/$(MODULE) \
 	    prove $(PROVE_FLAGS) t/
 
-.PHONY: asan
+# the benchmarks print figures (bench/RESULTS.md); expiry needs wrk
+bench: $(MODULE)
+	@command -v wrk >/dev/null || { sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	    $$sudo env DEBIAN_FRONTEND=noninteractive \
+	        apt-get install -y -qq wrk </dev/null; }
+	bench/stampede --module $(CURDIR)/$(MODULE)
+	bench/expiry --module $(CURDIR)/$(MODULE)
+
+.PHONY: asan bench
 asan:
 	PROVE_FLAGS='$(PROVE_FLAGS)' bash scripts/asan.sh
 
