@@ -79,6 +79,8 @@ start() {
     echo; echo "# another key or profile is another entry:"
     show -H 'Authorization: Bearer other-key' -H 'X-Profile: team-b' \
         "$url/v1/models"
+    echo; echo "# ?nocache=1 asks the provider again (ten at once would cost one fetch):"
+    show -H 'Authorization: Bearer demo-key' "$url/v1/models?nocache=1"
     echo; echo "# purge, then the next request misses again:"
     echo "\$ curl -X PURGE $url/_modelcache/purge"
     curl -s -X PURGE "$url/_modelcache/purge"
