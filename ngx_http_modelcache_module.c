@@ -73,6 +73,13 @@ static ngx_command_t  ngx_http_modelcache_commands[] = {
       0,
       NULL },
 
+    { ngx_string("modelcache_lookup"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_set_complex_value_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_modelcache_loc_conf_t, lookup),
+      NULL },
+
     { ngx_string("modelcache_ttl"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_sec_slot,
@@ -238,6 +245,7 @@ ngx_http_modelcache_create_loc_conf(ngx_conf_t *cf)
      *     conf->shm_zone = NULL;
      *     conf->passes = NULL;
      *     conf->scope = NULL;
+     *     conf->lookup = NULL;
      *     conf->purge_zone = NULL;
      *     conf->stats_zone = NULL;
      *     conf->enabled_set = 0;
@@ -288,6 +296,13 @@ ngx_http_modelcache_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "\"modelcache\" in location \"%V\" has no "
                            "\"modelcache_pass\"", &clcf->name);
+        return NGX_CONF_ERROR;
+    }
+
+    if (conf->lookup && conf->shm_zone == NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"modelcache_lookup\" in location \"%V\" is set "
+                           "without \"modelcache\"", &clcf->name);
         return NGX_CONF_ERROR;
     }
 

@@ -176,6 +176,7 @@ typedef struct {
     time_t                           ttl;
     ngx_http_complex_value_t        *scope;
     ngx_array_t                     *bypass;       /* complex values */
+    ngx_http_complex_value_t        *lookup;
     ngx_array_t                     *credentials;  /* complex values; NULL: off */
     ngx_flag_t                       status_header;
     ngx_msec_t                       lock_timeout;
@@ -316,6 +317,8 @@ ngx_int_t ngx_http_modelcache_fetch_init_filters(ngx_conf_t *cf);
 /* json */
 ngx_int_t ngx_http_modelcache_json_validate(u_char *body, size_t len,
     ngx_str_t *reason, ngx_pool_t *pool);
+ngx_int_t ngx_http_modelcache_json_lookup(u_char *body, size_t len,
+    ngx_str_t *id, ngx_str_t *out, ngx_pool_t *pool);
 
 /* handler */
 ngx_int_t ngx_http_modelcache_handler(ngx_http_request_t *r);

@@ -25,6 +25,10 @@ static ngx_int_t ngx_http_modelcache_json_error_body(ngx_http_request_t *r,
     const char *type, ngx_str_t *message, ngx_str_t *body);
 static ngx_int_t ngx_http_modelcache_send_answer(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx, ngx_http_modelcache_answer_t *a);
+static ngx_int_t ngx_http_modelcache_handler_lookup(ngx_http_request_t *r,
+    ngx_http_modelcache_answer_t *a, ngx_str_t *id);
+static ngx_int_t ngx_http_modelcache_send_not_found(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx, ngx_str_t *id);
 static ngx_int_t ngx_http_modelcache_send_body(ngx_http_request_t *r,
     u_char *body, size_t len);
 static ngx_int_t ngx_http_modelcache_add_header(ngx_http_request_t *r,
@@ -542,11 +546,30 @@ static ngx_int_t
 ngx_http_modelcache_send_answer(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx, ngx_http_modelcache_answer_t *a)
 {
-    u_char     *p;
-    ngx_int_t   rc;
-    ngx_str_t   value;
+    u_char                          *p;
+    ngx_int_t                        rc;
+    ngx_str_t                        value;
+    ngx_http_modelcache_loc_conf_t  *mlcf;
 
     ctx->age = a->age;
+
+    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_modelcache_module);
+
+    if (mlcf->lookup) {
+        if (ngx_http_complex_value(r, mlcf->lookup, &value) != NGX_OK) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        rc = ngx_http_modelcache_handler_lookup(r, a, &value);
+
+        if (rc == NGX_DECLINED) {
+            return ngx_http_modelcache_send_not_found(r, ctx, &value);
+        }
+
+        if (rc != NGX_OK) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+    }
 
     r->headers_out.status = NGX_HTTP_OK;
     ngx_str_set(&r->headers_out.content_type, "application/json");
@@ -601,6 +624,96 @@ ngx_http_modelcache_send_answer(ngx_http_request_t *r,
     }
 
     return ngx_http_modelcache_send_body(r, a->body, a->len);
+}
+
+
+/*
+ * modelcache_lookup: the answer becomes the one model object, taken from
+ * the list the entry holds (the list location's entry: the key is the
+ * same), with an ETag of its own
+ */
+
+static ngx_int_t
+ngx_http_modelcache_handler_lookup(ngx_http_request_t *r,
+    ngx_http_modelcache_answer_t *a, ngx_str_t *id)
+{
+    u_char     *etag;
+    ngx_int_t   rc;
+    ngx_str_t   model;
+
+    rc = ngx_http_modelcache_json_lookup(a->body, a->len, id, &model,
+                                         r->pool);
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    etag = ngx_pnalloc(r->pool, NGX_HTTP_MODELCACHE_ETAG_LEN);
+    if (etag == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (ngx_http_modelcache_key_etag(model.data, model.len, etag) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    a->body = model.data;
+    a->len = model.len;
+    a->etag = etag;
+
+    return NGX_OK;
+}
+
+
+/* the shape OpenAI's API answers, which its SDKs understand */
+
+static ngx_int_t
+ngx_http_modelcache_send_not_found(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx, ngx_str_t *id)
+{
+    u_char     *p;
+    size_t      len;
+    ngx_int_t   rc;
+    ngx_str_t   body;
+
+    len = sizeof("{\"error\":{\"message\":\"The model '' does not exist or "
+                 "you do not have access to it.\",\"type\":"
+                 "\"invalid_request_error\",\"param\":\"model\","
+                 "\"code\":\"model_not_found\"}}\n") - 1
+          + id->len + ngx_escape_json(NULL, id->data, id->len);
+
+    body.data = ngx_pnalloc(r->pool, len);
+    if (body.data == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = ngx_cpymem(body.data, "{\"error\":{\"message\":\"The model '",
+                   sizeof("{\"error\":{\"message\":\"The model '") - 1);
+    p = (u_char *) ngx_escape_json(p, id->data, id->len);
+    p = ngx_cpymem(p, "' does not exist or you do not have access to it.\","
+                   "\"type\":\"invalid_request_error\",\"param\":\"model\","
+                   "\"code\":\"model_not_found\"}}\n",
+                   sizeof("' does not exist or you do not have access to it.\","
+                          "\"type\":\"invalid_request_error\",\"param\":"
+                          "\"model\",\"code\":\"model_not_found\"}}\n") - 1);
+    body.len = p - body.data;
+
+    r->headers_out.status = NGX_HTTP_NOT_FOUND;
+    ngx_str_set(&r->headers_out.content_type, "application/json");
+    r->headers_out.content_type_len = r->headers_out.content_type.len;
+    r->headers_out.content_type_lowcase = NULL;
+    r->headers_out.content_length_n = body.len;
+
+    if (ngx_http_modelcache_add_status_header(r, ctx) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    rc = ngx_http_send_header(r);
+
+    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
+        return rc;
+    }
+
+    return ngx_http_modelcache_send_body(r, body.data, body.len);
 }
 
 
