@@ -909,8 +909,10 @@ ngx_http_modelcache_zone_find_in(ngx_rbtree_t *tree, u_char *key)
 
 
 /*
- * A fresh entry, pinned, or NULL.  For a bypass, only the answer of the
- * fetch it joined or of one begun after it arrived.
+ * A fresh entry, pinned, or NULL; for a waiter, also the answer of the
+ * fetch it waited for, however short its TTL (an entry stored at x.999 s
+ * with a 1 s TTL is expired a moment later).  For a bypass, only the
+ * answer of the fetch it joined or of one begun after it arrived.
  */
 
 static ngx_http_modelcache_node_t *
@@ -921,7 +923,13 @@ ngx_http_modelcache_zone_fresh_locked(ngx_http_modelcache_zone_t *zone,
 
     node = ngx_http_modelcache_zone_find_locked(zone, ctx->key);
 
-    if (node == NULL || node->expires <= now) {
+    if (node == NULL) {
+        return NULL;
+    }
+
+    if (node->expires <= now
+        && !(ctx->waited && node->gen && node->gen == ctx->lock_gen))
+    {
         return NULL;
     }
 
