@@ -21,6 +21,9 @@ static void ngx_http_modelcache_zone_expire_locked(
     ngx_http_modelcache_zone_t *zone, time_t now);
 static ngx_int_t ngx_http_modelcache_zone_evict_locked(
     ngx_http_modelcache_zone_t *zone);
+static void ngx_http_modelcache_zone_touch_locked(
+    ngx_http_modelcache_zone_t *zone, ngx_http_modelcache_node_t *node,
+    time_t now);
 static void ngx_http_modelcache_zone_pin_locked(
     ngx_http_modelcache_node_t *node);
 static ngx_uint_t ngx_http_modelcache_zone_pinned_locked(
@@ -148,9 +151,7 @@ ngx_http_modelcache_zone_lookup(ngx_http_modelcache_zone_t *zone, u_char *key,
     node = ngx_http_modelcache_zone_find_locked(zone, key);
 
     if (node) {
-        node->accessed = now;
-        ngx_queue_remove(&node->queue);
-        ngx_queue_insert_head(&zone->sh->lru, &node->queue);
+        ngx_http_modelcache_zone_touch_locked(zone, node, now);
 
         if (node->expires > now) {
             ngx_http_modelcache_zone_pin_locked(node);
@@ -199,6 +200,18 @@ ngx_http_modelcache_zone_unpin(ngx_http_modelcache_zone_t *zone,
     }
 
     ngx_shmtx_unlock(&zone->shpool->mutex);
+}
+
+
+/* read now: most recently used, and not inactive */
+
+static void
+ngx_http_modelcache_zone_touch_locked(ngx_http_modelcache_zone_t *zone,
+    ngx_http_modelcache_node_t *node, time_t now)
+{
+    node->accessed = now;
+    ngx_queue_remove(&node->queue);
+    ngx_queue_insert_head(&zone->sh->lru, &node->queue);
 }
 
 
@@ -940,9 +953,7 @@ ngx_http_modelcache_zone_fresh_locked(ngx_http_modelcache_zone_t *zone,
         return NULL;
     }
 
-    node->accessed = now;
-    ngx_queue_remove(&node->queue);
-    ngx_queue_insert_head(&zone->sh->lru, &node->queue);
+    ngx_http_modelcache_zone_touch_locked(zone, node, now);
     ngx_http_modelcache_zone_pin_locked(node);
 
     return node;
