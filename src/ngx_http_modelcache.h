@@ -330,6 +330,8 @@ ngx_int_t ngx_http_modelcache_handler_failure(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx);
 void ngx_http_modelcache_handler_fetched(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx);
+ngx_int_t ngx_http_modelcache_send(ngx_http_request_t *r, ngx_uint_t status,
+    ngx_str_t *type, ngx_str_t *body);
 ngx_int_t ngx_http_modelcache_send_json_error(ngx_http_request_t *r,
     ngx_uint_t status, const char *type, ngx_str_t *message);
 ngx_int_t ngx_http_modelcache_send_not_allowed(ngx_http_request_t *r,

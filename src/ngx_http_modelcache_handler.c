@@ -28,7 +28,7 @@ static ngx_int_t ngx_http_modelcache_send_answer(ngx_http_request_t *r,
 static ngx_int_t ngx_http_modelcache_handler_lookup(ngx_http_request_t *r,
     ngx_http_modelcache_answer_t *a, ngx_str_t *id);
 static ngx_int_t ngx_http_modelcache_send_not_found(ngx_http_request_t *r,
-    ngx_http_modelcache_ctx_t *ctx, ngx_str_t *id);
+    ngx_str_t *id);
 static ngx_int_t ngx_http_modelcache_send_body(ngx_http_request_t *r,
     u_char *body, size_t len);
 static ngx_int_t ngx_http_modelcache_add_header(ngx_http_request_t *r,
@@ -44,6 +44,10 @@ static ngx_int_t ngx_http_modelcache_variable_age(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
 static ngx_int_t ngx_http_modelcache_variable_key(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
+
+
+static ngx_str_t  ngx_http_modelcache_json_type =
+    ngx_string("application/json");
 
 
 static ngx_str_t  ngx_http_modelcache_status_names[] = {
@@ -482,7 +486,6 @@ ngx_int_t
 ngx_http_modelcache_handler_failure(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx)
 {
-    ngx_int_t                        rc;
     ngx_http_modelcache_fetch_t     *f;
     ngx_http_modelcache_failure_t   *fl;
     ngx_http_modelcache_loc_conf_t  *mlcf;
@@ -504,12 +507,6 @@ ngx_http_modelcache_handler_failure(ngx_http_request_t *r,
     ctx->status = NGX_HTTP_MODELCACHE_ERROR;
     ngx_http_modelcache_count(ctx);
 
-    r->headers_out.status = fl->status;
-    r->headers_out.content_type = fl->content_type;
-    r->headers_out.content_type_len = fl->content_type.len;
-    r->headers_out.content_type_lowcase = NULL;
-    r->headers_out.content_length_n = fl->body.len;
-
     /* the provider's own, when this request relays what it fetched */
     if (f->header && f->status == fl->status
         && ((f->www_authenticate.len
@@ -524,21 +521,8 @@ ngx_http_modelcache_handler_failure(ngx_http_request_t *r,
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    if (ngx_http_modelcache_add_status_header(r, ctx) != NGX_OK) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    rc = ngx_http_send_header(r);
-
-    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
-        return rc;
-    }
-
-    if (fl->body.len == 0) {
-        return ngx_http_send_special(r, NGX_HTTP_LAST);
-    }
-
-    return ngx_http_modelcache_send_body(r, fl->body.data, fl->body.len);
+    return ngx_http_modelcache_send(r, fl->status, &fl->content_type,
+                                    &fl->body);
 }
 
 
@@ -563,19 +547,13 @@ ngx_http_modelcache_send_answer(ngx_http_request_t *r,
         rc = ngx_http_modelcache_handler_lookup(r, a, &value);
 
         if (rc == NGX_DECLINED) {
-            return ngx_http_modelcache_send_not_found(r, ctx, &value);
+            return ngx_http_modelcache_send_not_found(r, &value);
         }
 
         if (rc != NGX_OK) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
     }
-
-    r->headers_out.status = NGX_HTTP_OK;
-    ngx_str_set(&r->headers_out.content_type, "application/json");
-    r->headers_out.content_type_len = r->headers_out.content_type.len;
-    r->headers_out.content_type_lowcase = NULL;
-    r->headers_out.content_length_n = a->len;
 
     /* for nginx's not-modified filter too: If-Unmodified-Since needs it */
     r->headers_out.last_modified_time = a->fetched;
@@ -611,19 +589,15 @@ ngx_http_modelcache_send_answer(ngx_http_request_t *r,
     value.data = p;
     value.len = ngx_sprintf(p, "%T", ngx_max(a->age, 0)) - p;
 
-    if (ngx_http_modelcache_add_header(r, "Age", &value, NULL) != NGX_OK
-        || ngx_http_modelcache_add_status_header(r, ctx) != NGX_OK)
-    {
+    if (ngx_http_modelcache_add_header(r, "Age", &value, NULL) != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    rc = ngx_http_send_header(r);
+    value.data = a->body;
+    value.len = a->len;
 
-    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
-        return rc;
-    }
-
-    return ngx_http_modelcache_send_body(r, a->body, a->len);
+    return ngx_http_modelcache_send(r, NGX_HTTP_OK,
+                                    &ngx_http_modelcache_json_type, &value);
 }
 
 
@@ -667,12 +641,10 @@ ngx_http_modelcache_handler_lookup(ngx_http_request_t *r,
 /* the shape OpenAI's API answers, which its SDKs understand */
 
 static ngx_int_t
-ngx_http_modelcache_send_not_found(ngx_http_request_t *r,
-    ngx_http_modelcache_ctx_t *ctx, ngx_str_t *id)
+ngx_http_modelcache_send_not_found(ngx_http_request_t *r, ngx_str_t *id)
 {
     u_char     *p;
     size_t      len;
-    ngx_int_t   rc;
     ngx_str_t   body;
 
     len = sizeof("{\"error\":{\"message\":\"The model '' does not exist or "
@@ -697,23 +669,8 @@ ngx_http_modelcache_send_not_found(ngx_http_request_t *r,
                           "\"model\",\"code\":\"model_not_found\"}}\n") - 1);
     body.len = p - body.data;
 
-    r->headers_out.status = NGX_HTTP_NOT_FOUND;
-    ngx_str_set(&r->headers_out.content_type, "application/json");
-    r->headers_out.content_type_len = r->headers_out.content_type.len;
-    r->headers_out.content_type_lowcase = NULL;
-    r->headers_out.content_length_n = body.len;
-
-    if (ngx_http_modelcache_add_status_header(r, ctx) != NGX_OK) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    rc = ngx_http_send_header(r);
-
-    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
-        return rc;
-    }
-
-    return ngx_http_modelcache_send_body(r, body.data, body.len);
+    return ngx_http_modelcache_send(r, NGX_HTTP_NOT_FOUND,
+                                    &ngx_http_modelcache_json_type, &body);
 }
 
 
@@ -748,9 +705,7 @@ ngx_int_t
 ngx_http_modelcache_send_json_error(ngx_http_request_t *r, ngx_uint_t status,
     const char *type, ngx_str_t *message)
 {
-    ngx_int_t                   rc;
-    ngx_str_t                   body;
-    ngx_http_modelcache_ctx_t  *ctx;
+    ngx_str_t  body;
 
     if (ngx_http_modelcache_json_error_body(r, type, message, &body)
         != NGX_OK)
@@ -758,11 +713,28 @@ ngx_http_modelcache_send_json_error(ngx_http_request_t *r, ngx_uint_t status,
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
+    return ngx_http_modelcache_send(r, status,
+                                    &ngx_http_modelcache_json_type, &body);
+}
+
+
+/*
+ * Every answer of the module ends here: status, type and body as given,
+ * X-Modelcache-Status where the request has a cache status.
+ */
+
+ngx_int_t
+ngx_http_modelcache_send(ngx_http_request_t *r, ngx_uint_t status,
+    ngx_str_t *type, ngx_str_t *body)
+{
+    ngx_int_t                   rc;
+    ngx_http_modelcache_ctx_t  *ctx;
+
     r->headers_out.status = status;
-    ngx_str_set(&r->headers_out.content_type, "application/json");
-    r->headers_out.content_type_len = r->headers_out.content_type.len;
+    r->headers_out.content_type = *type;
+    r->headers_out.content_type_len = type->len;
     r->headers_out.content_type_lowcase = NULL;
-    r->headers_out.content_length_n = body.len;
+    r->headers_out.content_length_n = body->len;
 
     ctx = ngx_http_get_module_ctx(r, ngx_http_modelcache_module);
 
@@ -776,7 +748,11 @@ ngx_http_modelcache_send_json_error(ngx_http_request_t *r, ngx_uint_t status,
         return rc;
     }
 
-    return ngx_http_modelcache_send_body(r, body.data, body.len);
+    if (body->len == 0) {
+        return ngx_http_send_special(r, NGX_HTTP_LAST);
+    }
+
+    return ngx_http_modelcache_send_body(r, body->data, body->len);
 }
 
 

@@ -19,10 +19,8 @@ ngx_http_modelcache_purge_handler(ngx_http_request_t *r)
 {
     u_char                          *p;
     ngx_int_t                        rc;
-    ngx_str_t                        scope, pass, error;
+    ngx_str_t                        scope, pass, error, answer, type;
     ngx_uint_t                       n;
-    ngx_buf_t                       *b;
-    ngx_chain_t                      out;
     ngx_http_modelcache_zone_t      *zone;
     ngx_http_modelcache_loc_conf_t  *mlcf;
 
@@ -65,32 +63,17 @@ ngx_http_modelcache_purge_handler(ngx_http_request_t *r)
                   pass.data ? "" : "(any) ",
                   ngx_http_modelcache_log_escape(r->pool, &pass), n);
 
-    b = ngx_create_temp_buf(r->pool, sizeof("{\"purged\":}\n") - 1
-                                     + NGX_INT_T_LEN);
-    if (b == NULL) {
+    p = ngx_pnalloc(r->pool, sizeof("{\"purged\":}\n") - 1 + NGX_INT_T_LEN);
+    if (p == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    p = ngx_sprintf(b->last, "{\"purged\":%ui}\n", n);
-    b->last = p;
-    b->last_buf = (r == r->main) ? 1 : 0;
-    b->last_in_chain = 1;
+    answer.data = p;
+    answer.len = ngx_sprintf(p, "{\"purged\":%ui}\n", n) - p;
 
-    r->headers_out.status = NGX_HTTP_OK;
-    ngx_str_set(&r->headers_out.content_type, "application/json");
-    r->headers_out.content_type_len = r->headers_out.content_type.len;
-    r->headers_out.content_length_n = b->last - b->pos;
+    ngx_str_set(&type, "application/json");
 
-    rc = ngx_http_send_header(r);
-
-    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
-        return rc;
-    }
-
-    out.buf = b;
-    out.next = NULL;
-
-    return ngx_http_output_filter(r, &out);
+    return ngx_http_modelcache_send(r, NGX_HTTP_OK, &type, &answer);
 }
 
 

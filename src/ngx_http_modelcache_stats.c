@@ -72,8 +72,7 @@ ngx_http_modelcache_stats_handler(ngx_http_request_t *r)
 {
     ngx_int_t                        rc, prometheus;
     ngx_buf_t                       *b;
-    ngx_str_t                        msg;
-    ngx_chain_t                      out;
+    ngx_str_t                        msg, type, body;
     ngx_atomic_uint_t                values[NGX_HTTP_MODELCACHE_NMETRICS];
     ngx_http_modelcache_zone_t      *zone;
     ngx_http_modelcache_loc_conf_t  *mlcf;
@@ -101,36 +100,22 @@ ngx_http_modelcache_stats_handler(ngx_http_request_t *r)
     if (prometheus) {
         b = ngx_http_modelcache_stats_text(r, &zone->shm_zone->shm.name,
                                            values);
-        ngx_str_set(&r->headers_out.content_type,
-                    "text/plain; version=0.0.4; charset=utf-8");
+        ngx_str_set(&type, "text/plain; version=0.0.4; charset=utf-8");
 
     } else {
         b = ngx_http_modelcache_stats_json(r, &zone->shm_zone->shm.name,
                                            values);
-        ngx_str_set(&r->headers_out.content_type, "application/json");
+        ngx_str_set(&type, "application/json");
     }
 
     if (b == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    b->last_buf = (r == r->main) ? 1 : 0;
-    b->last_in_chain = 1;
+    body.data = b->pos;
+    body.len = b->last - b->pos;
 
-    r->headers_out.status = NGX_HTTP_OK;
-    r->headers_out.content_type_len = r->headers_out.content_type.len;
-    r->headers_out.content_length_n = b->last - b->pos;
-
-    rc = ngx_http_send_header(r);
-
-    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
-        return rc;
-    }
-
-    out.buf = b;
-    out.next = NULL;
-
-    return ngx_http_output_filter(r, &out);
+    return ngx_http_modelcache_send(r, NGX_HTTP_OK, &type, &body);
 }
 
 
