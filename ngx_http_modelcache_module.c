@@ -25,6 +25,10 @@ static char *ngx_http_modelcache_credentials(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
 static char *ngx_http_modelcache_bypass(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_http_modelcache_rule(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_modelcache_list_field(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
 static char *ngx_http_modelcache_admin(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_modelcache_ttl_check(ngx_conf_t *cf, void *post,
@@ -34,6 +38,10 @@ static ngx_shm_zone_t *ngx_http_modelcache_zone_ref(ngx_conf_t *cf,
     ngx_str_t *name);
 static ngx_int_t ngx_http_modelcache_set_handler(ngx_conf_t *cf,
     ngx_http_handler_pt handler);
+static char *ngx_http_modelcache_merge_passes(ngx_conf_t *cf,
+    ngx_http_modelcache_loc_conf_t *conf);
+static char *ngx_http_modelcache_merge_transform(ngx_conf_t *cf,
+    ngx_http_modelcache_loc_conf_t *conf);
 static ngx_array_t *ngx_http_modelcache_compile_values(ngx_conf_t *cf,
     ngx_str_t *values, ngx_uint_t n);
 
@@ -78,6 +86,34 @@ static ngx_command_t  ngx_http_modelcache_commands[] = {
       ngx_http_set_complex_value_slot,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_modelcache_loc_conf_t, lookup),
+      NULL },
+
+    { ngx_string("modelcache_filter"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_modelcache_loc_conf_t, filter),
+      NULL },
+
+    { ngx_string("modelcache_hide"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_modelcache_rule,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_modelcache_loc_conf_t, hide),
+      NULL },
+
+    { ngx_string("modelcache_show"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_modelcache_rule,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_modelcache_loc_conf_t, show),
+      NULL },
+
+    { ngx_string("modelcache_list_field"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_modelcache_list_field,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
       NULL },
 
     { ngx_string("modelcache_ttl"),
@@ -246,12 +282,18 @@ ngx_http_modelcache_create_loc_conf(ngx_conf_t *cf)
      *     conf->passes = NULL;
      *     conf->scope = NULL;
      *     conf->lookup = NULL;
+     *     conf->list_field = { 0, NULL };
+     *     conf->transform = { 0, NULL };
+     *     conf->labelled = 0;
      *     conf->purge_zone = NULL;
      *     conf->stats_zone = NULL;
      *     conf->enabled_set = 0;
      */
 
     conf->ttl = NGX_CONF_UNSET;
+    conf->filter = NGX_CONF_UNSET;
+    conf->hide = NGX_CONF_UNSET_PTR;
+    conf->show = NGX_CONF_UNSET_PTR;
     conf->credentials = NGX_CONF_UNSET_PTR;
     conf->bypass = NGX_CONF_UNSET_PTR;
     conf->status_header = NGX_CONF_UNSET;
@@ -283,6 +325,10 @@ ngx_http_modelcache_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_sec_value(conf->stale_while_revalidate,
                              prev->stale_while_revalidate, 30);
     ngx_conf_merge_sec_value(conf->stale_if_error, prev->stale_if_error, 600);
+    ngx_conf_merge_value(conf->filter, prev->filter, 0);
+    ngx_conf_merge_ptr_value(conf->hide, prev->hide, NULL);
+    ngx_conf_merge_ptr_value(conf->show, prev->show, NULL);
+    ngx_conf_merge_str_value(conf->list_field, prev->list_field, "");
 
     if (conf->scope == NULL) {
         conf->scope = prev->scope;
@@ -310,6 +356,13 @@ ngx_http_modelcache_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "\"modelcache_pass\" in location \"%V\" is set "
                            "without \"modelcache\"", &clcf->name);
+        return NGX_CONF_ERROR;
+    }
+
+    if (conf->shm_zone
+        && (ngx_http_modelcache_merge_passes(cf, conf) != NGX_CONF_OK
+            || ngx_http_modelcache_merge_transform(cf, conf) != NGX_CONF_OK))
+    {
         return NGX_CONF_ERROR;
     }
 
@@ -551,18 +604,12 @@ ngx_http_modelcache_pass(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
     ngx_http_modelcache_loc_conf_t *mlcf = conf;
 
+    u_char                            *p;
     ngx_str_t                         *value;
     ngx_http_modelcache_pass_t        *pass;
     ngx_http_compile_complex_value_t   ccv;
 
     value = cf->args->elts;
-
-    if (mlcf->passes) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "\"%V\" is duplicate: this version fetches one "
-                           "provider per location", &cmd->name);
-        return NGX_CONF_ERROR;
-    }
 
     if (value[1].len == 0
         || (value[1].data[0] != '/' && value[1].data[0] != '$'))
@@ -573,10 +620,12 @@ ngx_http_modelcache_pass(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return NGX_CONF_ERROR;
     }
 
-    mlcf->passes = ngx_array_create(cf->pool, 1,
-                                    sizeof(ngx_http_modelcache_pass_t));
     if (mlcf->passes == NULL) {
-        return NGX_CONF_ERROR;
+        mlcf->passes = ngx_array_create(cf->pool, 2,
+                                        sizeof(ngx_http_modelcache_pass_t));
+        if (mlcf->passes == NULL) {
+            return NGX_CONF_ERROR;
+        }
     }
 
     pass = ngx_array_push(mlcf->passes);
@@ -598,6 +647,25 @@ ngx_http_modelcache_pass(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
         pass->provider.data = value[2].data + 9;
         pass->provider.len = value[2].len - 9;
+
+        /* it goes into JSON strings and a header as it is */
+
+        for (p = pass->provider.data;
+             p < pass->provider.data + pass->provider.len;
+             p++)
+        {
+            if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z')
+                  || (*p >= '0' && *p <= '9') || *p == '.' || *p == '_'
+                  || *p == '-'))
+            {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "\"%V\" has an invalid provider label "
+                                   "\"%V\": letters, digits, \".\", "
+                                   "\"_\" and \"-\" only", &cmd->name,
+                                   &pass->provider);
+                return NGX_CONF_ERROR;
+            }
+        }
     }
 
     ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
@@ -657,6 +725,208 @@ ngx_http_modelcache_bypass(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                                         cf->args->nelts - 1);
 
     return mlcf->bypass ? NGX_CONF_OK : NGX_CONF_ERROR;
+}
+
+
+/* modelcache_hide, modelcache_show: a regex, "~*" for any case */
+
+static char *
+ngx_http_modelcache_rule(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    u_char                       errstr[NGX_MAX_CONF_ERRSTR];
+    ngx_str_t                   *value;
+    ngx_array_t                **rules;
+    ngx_regex_compile_t          rc;
+    ngx_http_modelcache_rule_t  *rule;
+
+    rules = (ngx_array_t **) ((u_char *) conf + cmd->offset);
+    value = cf->args->elts;
+
+    if (*rules == NGX_CONF_UNSET_PTR) {
+        *rules = ngx_array_create(cf->pool, 4,
+                                  sizeof(ngx_http_modelcache_rule_t));
+        if (*rules == NULL) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    rule = ngx_array_push(*rules);
+    if (rule == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_memzero(&rc, sizeof(ngx_regex_compile_t));
+
+    rc.pattern = value[1];
+    rc.pool = cf->pool;
+    rc.err.len = NGX_MAX_CONF_ERRSTR;
+    rc.err.data = errstr;
+
+    if (rc.pattern.len >= 2 && rc.pattern.data[0] == '~'
+        && rc.pattern.data[1] == '*')
+    {
+        rc.pattern.data += 2;
+        rc.pattern.len -= 2;
+        rc.options = NGX_REGEX_CASELESS;
+    }
+
+    if (rc.pattern.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"%V\" needs a regex, not \"%V\"", &cmd->name,
+                           &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (ngx_regex_compile(&rc) != NGX_OK) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"%V\" has an invalid regex \"%V\": %V",
+                           &cmd->name, &value[1], &rc.err);
+        return NGX_CONF_ERROR;
+    }
+
+    rule->source = value[1];
+    rule->regex = rc.regex;
+
+    return NGX_CONF_OK;
+}
+
+
+/* modelcache_list_field NAME | auto (an empty name) */
+
+static char *
+ngx_http_modelcache_list_field(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_modelcache_loc_conf_t *mlcf = conf;
+
+    ngx_str_t  *value;
+
+    if (mlcf->list_field.data) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (ngx_strcmp(value[1].data, "auto") == 0) {
+        ngx_str_set(&mlcf->list_field, "");
+        return NGX_CONF_OK;
+    }
+
+    if (value[1].len == 0) {
+        return "needs a member name or \"auto\"";
+    }
+
+    mlcf->list_field = value[1];
+
+    return NGX_CONF_OK;
+}
+
+
+/*
+ * Several modelcache_pass lines merge providers: each needs its own
+ * provider=LABEL.  One line may carry a label too: its models get it.
+ */
+
+static char *
+ngx_http_modelcache_merge_passes(ngx_conf_t *cf,
+    ngx_http_modelcache_loc_conf_t *conf)
+{
+    ngx_uint_t                   i, j;
+    ngx_http_modelcache_pass_t  *pass;
+    ngx_http_core_loc_conf_t    *clcf;
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+    pass = conf->passes->elts;
+
+    for (i = 0; i < conf->passes->nelts; i++) {
+
+        if (pass[i].provider.len) {
+            conf->labelled = 1;
+
+        } else if (conf->passes->nelts > 1) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "\"modelcache_pass\" in location \"%V\" has "
+                               "no provider=LABEL: with several passes, "
+                               "each needs one", &clcf->name);
+            return NGX_CONF_ERROR;
+        }
+
+        for (j = 0; j < i; j++) {
+            if (pass[j].provider.len == pass[i].provider.len
+                && ngx_strncmp(pass[j].provider.data, pass[i].provider.data,
+                               pass[i].provider.len)
+                   == 0)
+            {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "\"modelcache_pass\" in location \"%V\" "
+                                   "repeats provider=%V", &clcf->name,
+                                   &pass[i].provider);
+                return NGX_CONF_ERROR;
+            }
+        }
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+/*
+ * The location's rules as text, part of the key of each answer derived
+ * here: two locations sharing a list but not their rules never share
+ * what they derive from it.
+ */
+
+static char *
+ngx_http_modelcache_merge_transform(ngx_conf_t *cf,
+    ngx_http_modelcache_loc_conf_t *conf)
+{
+    u_char                      *p;
+    size_t                       len;
+    ngx_uint_t                   i, k;
+    ngx_array_t                 *rules[2];
+    ngx_http_modelcache_pass_t  *pass;
+    ngx_http_modelcache_rule_t  *rule;
+
+    rules[0] = conf->hide;
+    rules[1] = conf->show;
+    pass = conf->passes->elts;
+
+    len = sizeof("field=\n") + conf->list_field.len;
+
+    for (k = 0; k < 2; k++) {
+        for (i = 0; rules[k] && i < rules[k]->nelts; i++) {
+            rule = rules[k]->elts;
+            len += sizeof("hide=\n") + rule[i].source.len;
+        }
+    }
+
+    for (i = 0; i < conf->passes->nelts; i++) {
+        len += sizeof("provider=\n") + pass[i].provider.len;
+    }
+
+    p = ngx_pnalloc(cf->pool, len);
+    if (p == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    conf->transform.data = p;
+    p = ngx_sprintf(p, "field=%V\n", &conf->list_field);
+
+    for (k = 0; k < 2; k++) {
+        for (i = 0; rules[k] && i < rules[k]->nelts; i++) {
+            rule = rules[k]->elts;
+            p = ngx_sprintf(p, "%s=%V\n", k ? "show" : "hide",
+                            &rule[i].source);
+        }
+    }
+
+    for (i = 0; i < conf->passes->nelts; i++) {
+        p = ngx_sprintf(p, "provider=%V\n", &pass[i].provider);
+    }
+
+    conf->transform.len = p - conf->transform.data;
+
+    return NGX_CONF_OK;
 }
 
 

@@ -46,11 +46,13 @@ typedef struct {
     ngx_atomic_t                     evictions;
     ngx_atomic_t                     purged;
     ngx_atomic_t                     lock_waits;
+    ngx_atomic_t                     derived_builds;
+    ngx_atomic_t                     derived_hits;
 } ngx_http_modelcache_counters_t;
 
 
 /* the layout of _sh_t and its nodes; a zone of another layout is not reused */
-#define NGX_HTTP_MODELCACHE_MAGIC          0x6d6f64656c630004
+#define NGX_HTTP_MODELCACHE_MAGIC          0x6d6f64656c630005
 
 /* how often a newcomer may check that a fetch's owner still exists (ms) */
 #define NGX_HTTP_MODELCACHE_OWNER_CHECK    50
@@ -76,6 +78,7 @@ typedef struct {
     ngx_queue_t                      lru;          /* most recent first */
     ngx_queue_t                      dead;         /* unlinked, pinned */
     ngx_uint_t                       entries;
+    ngx_uint_t                       derived;
     ngx_rbtree_t                     locks;
     ngx_rbtree_node_t                locks_sentinel;
     ngx_queue_t                      failed;       /* newest first */
@@ -93,14 +96,22 @@ typedef struct {
 /*
  * One stored entry, a single slab allocation: the struct, then the scope,
  * the pass URI and the body.  Once linked into the tree an entry is never
- * written again except for its LRU links, "accessed" and "pins"; a newer
- * answer for the same key is a new entry that replaces it.
+ * written again except for its LRU links, "accessed", "pins" and its
+ * children queue; a newer answer for the same key is a new entry that
+ * replaces it.  A derived answer (lookup, filter variant, merged list) is
+ * an entry too, the child of the list entry it was made from: it has no
+ * scope or pass, and goes when its parent goes.
  */
-typedef struct {
+typedef struct ngx_http_modelcache_node_s  ngx_http_modelcache_node_t;
+
+struct ngx_http_modelcache_node_s {
     ngx_rbtree_node_t                node;         /* node.key: key prefix */
     ngx_queue_t                      queue;
     u_char                           key[NGX_HTTP_MODELCACHE_KEY_LEN];
     u_char                           etag[NGX_HTTP_MODELCACHE_ETAG_LEN];
+    ngx_http_modelcache_node_t      *parent;       /* derived: its list */
+    ngx_queue_t                      children;     /* list: its derived */
+    ngx_queue_t                      sibling;      /* derived: in children */
     unsigned                         dead:1;       /* unlinked, not freed */
     ngx_uint_t                       pins;         /* all, pin[] and more */
     ngx_http_modelcache_pin_t        pin[NGX_HTTP_MODELCACHE_PIN_SLOTS];
@@ -114,7 +125,7 @@ typedef struct {
     size_t                           body_len;
     u_char                          *body;
     u_char                           data[1];
-} ngx_http_modelcache_node_t;
+};
 
 
 /*
@@ -170,6 +181,13 @@ typedef struct {
 } ngx_http_modelcache_pass_t;
 
 
+/* modelcache_hide, modelcache_show */
+typedef struct {
+    ngx_str_t                        source;       /* as written, ~* too */
+    ngx_regex_t                     *regex;
+} ngx_http_modelcache_rule_t;
+
+
 typedef struct {
     ngx_shm_zone_t                  *shm_zone;     /* modelcache NAME */
     ngx_array_t                     *passes;       /* _pass_t */
@@ -177,6 +195,11 @@ typedef struct {
     ngx_http_complex_value_t        *scope;
     ngx_array_t                     *bypass;       /* complex values */
     ngx_http_complex_value_t        *lookup;
+    ngx_flag_t                       filter;
+    ngx_array_t                     *hide;         /* _rule_t */
+    ngx_array_t                     *show;         /* _rule_t */
+    ngx_str_t                        list_field;   /* empty: auto */
+    ngx_str_t                        transform;    /* all of the above */
     ngx_array_t                     *credentials;  /* complex values; NULL: off */
     ngx_flag_t                       status_header;
     ngx_msec_t                       lock_timeout;
@@ -187,6 +210,7 @@ typedef struct {
     ngx_shm_zone_t                  *stats_zone;
 
     unsigned                         enabled_set:1;
+    unsigned                         labelled:1;   /* provider=LABEL */
 } ngx_http_modelcache_loc_conf_t;
 
 
@@ -229,10 +253,30 @@ typedef enum {
 } ngx_http_modelcache_lock_e;
 
 
+/* modelcache_filter: the client's args, checked */
+typedef struct {
+    ngx_str_t                        q;
+    ngx_str_t                        owned_by;
+    ngx_str_t                        after;
+    ngx_int_t                        sort;         /* _SORT_*, negated: desc */
+    ngx_uint_t                       limit;        /* 0: none */
+    unsigned                         set:1;        /* any of them given */
+} ngx_http_modelcache_filter_t;
+
+#define NGX_HTTP_MODELCACHE_SORT_ID        1
+#define NGX_HTTP_MODELCACHE_SORT_CREATED   2
+
+#define NGX_HTTP_MODELCACHE_LIMIT_MAX      100000
+
+
+typedef struct ngx_http_modelcache_agg_s  ngx_http_modelcache_agg_t;
+
+
 typedef struct {
     ngx_http_modelcache_zone_t      *zone;
     ngx_http_modelcache_node_t      *node;         /* pinned while serving */
     ngx_http_modelcache_node_t      *stale;        /* pinned, expired */
+    ngx_http_modelcache_node_t      *derived;      /* pinned, served */
 
     u_char                           key[NGX_HTTP_MODELCACHE_KEY_LEN];
     ngx_str_t                        pass;
@@ -255,11 +299,18 @@ typedef struct {
     ngx_msec_t                       wait_delay;
     ngx_http_modelcache_failure_t    failure;
 
+    ngx_http_modelcache_filter_t     filter;
+
+    /* aggregation: the merging request's, or a member's (member: 1 + n) */
+    ngx_http_modelcache_agg_t       *agg;
+    ngx_uint_t                       member;
+
     unsigned                         lock_owner:1;
     unsigned                         waiting:1;
     unsigned                         waited:1;
     unsigned                         settled:1;
     unsigned                         bypass:1;
+    unsigned                         adopted:1;    /* a member running */
 } ngx_http_modelcache_ctx_t;
 
 
@@ -271,7 +322,44 @@ typedef struct {
     time_t                           fetched;
     time_t                           age;
     time_t                           max_age;
+    ngx_http_modelcache_node_t      *node;         /* body's entry, or NULL */
+    u_char                          *key;          /* of that list */
+    ngx_str_t                        label;        /* its provider=LABEL */
 } ngx_http_modelcache_answer_t;
+
+
+/* one provider of a merged list, fetched by a subrequest of its own */
+typedef struct {
+    ngx_http_modelcache_ctx_t       *ctx;
+    ngx_str_t                        label;
+    ngx_http_modelcache_answer_t     answer;       /* ok */
+    ngx_uint_t                       status;       /* failed: HTTP status */
+    ngx_str_t                        content_type;
+    ngx_str_t                        body;
+    unsigned                         done:1;
+    unsigned                         ok:1;
+} ngx_http_modelcache_member_t;
+
+
+struct ngx_http_modelcache_agg_s {
+    ngx_http_request_t              *r;
+    ngx_http_modelcache_member_t    *members;
+    ngx_uint_t                       n;
+    ngx_uint_t                       pending;
+};
+
+
+/* what a derived answer is made of and what it came to */
+typedef struct {
+    ngx_http_modelcache_answer_t    *sources;
+    ngx_uint_t                       nsources;
+    ngx_http_modelcache_loc_conf_t  *mlcf;
+    ngx_str_t                       *lookup;       /* or NULL */
+    ngx_http_modelcache_filter_t    *filter;       /* or NULL */
+
+    ngx_str_t                        out;
+    const char                      *param;        /* NGX_DECLINED: 404 */
+} ngx_http_modelcache_derive_t;
 
 
 extern ngx_module_t  ngx_http_modelcache_module;
@@ -297,12 +385,19 @@ ngx_http_modelcache_lock_e ngx_http_modelcache_zone_lock(
 void ngx_http_modelcache_zone_unlock(ngx_http_modelcache_zone_t *zone,
     ngx_http_modelcache_ctx_t *ctx, ngx_http_modelcache_failure_t *failure);
 void ngx_http_modelcache_zone_usage(ngx_http_modelcache_zone_t *zone,
-    ngx_uint_t *entries, size_t *used);
+    ngx_uint_t *entries, ngx_uint_t *derived, size_t *used);
+ngx_http_modelcache_node_t *ngx_http_modelcache_zone_derived_lookup(
+    ngx_http_modelcache_zone_t *zone, u_char *key);
+void ngx_http_modelcache_zone_derived_store(ngx_http_modelcache_zone_t *zone,
+    ngx_http_modelcache_node_t *parent, u_char *key, ngx_str_t *body,
+    u_char *etag);
 
 /* key */
 ngx_int_t ngx_http_modelcache_key_build(ngx_http_request_t *r,
     ngx_http_modelcache_loc_conf_t *mlcf, ngx_http_modelcache_ctx_t *ctx);
 ngx_int_t ngx_http_modelcache_key_etag(u_char *body, size_t len, u_char *etag);
+ngx_int_t ngx_http_modelcache_key_derived(ngx_http_request_t *r,
+    ngx_http_modelcache_derive_t *d, u_char *key);
 
 /* fetch */
 ngx_int_t ngx_http_modelcache_fetch(ngx_http_request_t *r,
@@ -316,9 +411,16 @@ ngx_int_t ngx_http_modelcache_fetch_init_filters(ngx_conf_t *cf);
 
 /* json */
 ngx_int_t ngx_http_modelcache_json_validate(u_char *body, size_t len,
-    ngx_str_t *reason, ngx_pool_t *pool);
-ngx_int_t ngx_http_modelcache_json_lookup(u_char *body, size_t len,
-    ngx_str_t *id, ngx_str_t *out, ngx_pool_t *pool);
+    ngx_str_t *field, ngx_str_t *reason, ngx_pool_t *pool);
+ngx_int_t ngx_http_modelcache_json_derive(ngx_http_modelcache_derive_t *d,
+    ngx_pool_t *pool);
+
+/* aggregate */
+ngx_int_t ngx_http_modelcache_aggregate(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx);
+void ngx_http_modelcache_aggregate_record(ngx_http_modelcache_ctx_t *ctx,
+    ngx_uint_t status, ngx_str_t *type, ngx_str_t *body,
+    ngx_http_modelcache_answer_t *a);
 
 /* handler */
 ngx_int_t ngx_http_modelcache_handler(ngx_http_request_t *r);
@@ -334,6 +436,11 @@ ngx_int_t ngx_http_modelcache_send(ngx_http_request_t *r, ngx_uint_t status,
     ngx_str_t *type, ngx_str_t *body);
 ngx_int_t ngx_http_modelcache_send_json_error(ngx_http_request_t *r,
     ngx_uint_t status, const char *type, ngx_str_t *message);
+ngx_int_t ngx_http_modelcache_handler_derive(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx, ngx_http_modelcache_answer_t *a,
+    ngx_uint_t n);
+void ngx_http_modelcache_handler_combine(ngx_http_modelcache_answer_t *a,
+    ngx_uint_t n, ngx_http_modelcache_answer_t *out);
 ngx_int_t ngx_http_modelcache_send_not_allowed(ngx_http_request_t *r,
     char *allow);
 ngx_str_t *ngx_http_modelcache_log_escape(ngx_pool_t *pool, ngx_str_t *src);

@@ -16,6 +16,8 @@ static ngx_int_t ngx_http_modelcache_fetch_subrequest(ngx_http_request_t *r,
     ngx_http_post_subrequest_pt handler);
 static ngx_int_t ngx_http_modelcache_fetch_background_done(
     ngx_http_request_t *sr, void *data, ngx_int_t rc);
+static ngx_int_t ngx_http_modelcache_fetch_member_done(ngx_http_request_t *sr,
+    void *data, ngx_int_t rc);
 static void ngx_http_modelcache_fetch_cleanup_handler(void *data);
 static ngx_int_t ngx_http_modelcache_fetch_wait(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx);
@@ -265,9 +267,22 @@ ngx_http_modelcache_fetch_start(ngx_http_request_t *r,
     ngx_int_t  rc;
     ngx_str_t  msg;
 
-    rc = ngx_http_modelcache_fetch_subrequest(r, ctx,
-                                              NGX_HTTP_SUBREQUEST_WAITED,
-                                              ngx_http_modelcache_fetch_done);
+    /*
+     * A member of a merge is itself a background subrequest: its fetch is
+     * one too, as a subrequest in its output chain would never be let
+     * finish (that chain is not the client's); it wakes the member itself.
+     */
+
+    if (ctx->member) {
+        rc = ngx_http_modelcache_fetch_subrequest(r, ctx,
+                                         NGX_HTTP_SUBREQUEST_BACKGROUND,
+                                         ngx_http_modelcache_fetch_member_done);
+
+    } else {
+        rc = ngx_http_modelcache_fetch_subrequest(r, ctx,
+                                         NGX_HTTP_SUBREQUEST_WAITED,
+                                         ngx_http_modelcache_fetch_done);
+    }
 
     if (rc == NGX_DECLINED) {
         ngx_str_set(&msg, "modelcache_pass is not a safe local URI");
@@ -358,6 +373,20 @@ ngx_http_modelcache_fetch_background_done(ngx_http_request_t *sr, void *data,
     }
 
     return rc;
+}
+
+
+static ngx_int_t
+ngx_http_modelcache_fetch_member_done(ngx_http_request_t *sr, void *data,
+    ngx_int_t rc)
+{
+    ngx_http_modelcache_ctx_t  *ctx = data;
+
+    if (!ctx->fetch.done) {
+        (void) ngx_http_post_request(sr->parent, NULL);
+    }
+
+    return ngx_http_modelcache_fetch_done(sr, data, rc);
 }
 
 

@@ -23,12 +23,22 @@ static ngx_int_t ngx_http_modelcache_settle_error(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx, ngx_uint_t status, ngx_str_t *reason);
 static ngx_int_t ngx_http_modelcache_json_error_body(ngx_http_request_t *r,
     const char *type, ngx_str_t *message, ngx_str_t *body);
+static ngx_int_t ngx_http_modelcache_handler_args(ngx_http_request_t *r,
+    ngx_http_modelcache_filter_t *f, const char **param,
+    const char **message);
+static ngx_int_t ngx_http_modelcache_handler_arg(ngx_http_request_t *r,
+    const char *name, ngx_str_t *value);
 static ngx_int_t ngx_http_modelcache_send_answer(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx, ngx_http_modelcache_answer_t *a);
-static ngx_int_t ngx_http_modelcache_handler_lookup(ngx_http_request_t *r,
-    ngx_http_modelcache_answer_t *a, ngx_str_t *id);
+static ngx_int_t ngx_http_modelcache_send_stored(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx, ngx_http_modelcache_answer_t *a);
+static ngx_int_t ngx_http_modelcache_derive_build(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx, ngx_http_modelcache_derive_t *d,
+    ngx_http_modelcache_answer_t *out);
 static ngx_int_t ngx_http_modelcache_send_not_found(ngx_http_request_t *r,
-    ngx_str_t *id);
+    ngx_str_t *id, const char *param);
+static ngx_int_t ngx_http_modelcache_send_bad_arg(ngx_http_request_t *r,
+    const char *param, const char *message);
 static ngx_int_t ngx_http_modelcache_send_body(ngx_http_request_t *r,
     u_char *body, size_t len);
 static ngx_int_t ngx_http_modelcache_add_header(ngx_http_request_t *r,
@@ -85,6 +95,7 @@ ngx_http_modelcache_handler(ngx_http_request_t *r)
 {
     ngx_int_t                        rc;
     ngx_uint_t                       bypass;
+    const char                      *param, *message;
     ngx_pool_cleanup_t              *cln;
     ngx_http_modelcache_ctx_t       *ctx;
     ngx_http_modelcache_loc_conf_t  *mlcf;
@@ -100,12 +111,20 @@ ngx_http_modelcache_handler(ngx_http_request_t *r)
 
     mlcf = ngx_http_get_module_loc_conf(r, ngx_http_modelcache_module);
 
-    ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_modelcache_ctx_t));
-    if (ctx == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
+    ctx = ngx_http_get_module_ctx(r, ngx_http_modelcache_module);
 
-    ctx->zone = mlcf->shm_zone->data;
+    if (ctx && ctx->member && !ctx->adopted && r != r->main) {
+        /* a member of a merge: its ctx was made by the merging request */
+        ctx->adopted = 1;
+
+    } else {
+        ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_modelcache_ctx_t));
+        if (ctx == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        ctx->zone = mlcf->shm_zone->data;
+    }
 
     /* whatever happens to the request: unpin, stop waiting, release */
     cln = ngx_pool_cleanup_add(r->pool, 0);
@@ -117,6 +136,27 @@ ngx_http_modelcache_handler(ngx_http_request_t *r)
     cln->data = ctx;
 
     ngx_http_set_ctx(r, ctx, ngx_http_modelcache_module);
+
+    if (!ctx->member) {
+
+        /* bad filter args are answered before anything is looked up */
+
+        if (mlcf->filter) {
+            rc = ngx_http_modelcache_handler_args(r, &ctx->filter, &param,
+                                                  &message);
+            if (rc == NGX_DECLINED) {
+                return ngx_http_modelcache_send_bad_arg(r, param, message);
+            }
+
+            if (rc != NGX_OK) {
+                return NGX_HTTP_INTERNAL_SERVER_ERROR;
+            }
+        }
+
+        if (mlcf->passes->nelts > 1) {
+            return ngx_http_modelcache_aggregate(r, ctx);
+        }
+    }
 
     if (ngx_http_modelcache_key_build(r, mlcf, ctx) != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
@@ -244,6 +284,8 @@ ngx_http_modelcache_handler_serve(ngx_http_request_t *r,
     a.fetched = node->fetched;
     a.age = now - node->fetched;
     a.max_age = node->expires - now;
+    a.node = node;
+    ngx_str_null(&a.label);
 
     return ngx_http_modelcache_send_answer(r, ctx, &a);
 }
@@ -275,6 +317,8 @@ ngx_http_modelcache_handler_fetched(ngx_http_request_t *r,
         a.fetched = ngx_time();
         a.age = 0;
         a.max_age = mlcf->ttl;
+        a.node = NULL;
+        ngx_str_null(&a.label);
 
         rc = ngx_http_modelcache_send_answer(r, ctx, &a);
 
@@ -403,6 +447,7 @@ ngx_http_modelcache_settle_list(ngx_http_request_t *r,
     ngx_http_modelcache_loc_conf_t  *mlcf;
 
     f = &ctx->fetch;
+    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_modelcache_module);
 
     if (f->content_encoding.len
         && !(f->content_encoding.len == 8
@@ -415,7 +460,8 @@ ngx_http_modelcache_settle_list(ngx_http_request_t *r,
                                                 &reason);
     }
 
-    rc = ngx_http_modelcache_json_validate(f->body, f->len, &reason, r->pool);
+    rc = ngx_http_modelcache_json_validate(f->body, f->len, &mlcf->list_field,
+                                           &reason, r->pool);
 
     if (rc != NGX_OK) {
         return rc == NGX_DECLINED
@@ -428,8 +474,6 @@ ngx_http_modelcache_settle_list(ngx_http_request_t *r,
     if (ngx_http_modelcache_key_etag(f->body, f->len, ctx->etag) != NGX_OK) {
         return NGX_ERROR;
     }
-
-    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_modelcache_module);
 
     if (f->len > ctx->zone->max_entry) {
         ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
@@ -526,34 +570,194 @@ ngx_http_modelcache_handler_failure(ngx_http_request_t *r,
 }
 
 
+/*
+ * A list to answer, fresh, stale or just fetched: as it is stored, or what
+ * the location derives from it; a member of a merge hands it over.
+ */
+
 static ngx_int_t
 ngx_http_modelcache_send_answer(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx, ngx_http_modelcache_answer_t *a)
 {
-    u_char                          *p;
-    ngx_int_t                        rc;
-    ngx_str_t                        value;
     ngx_http_modelcache_loc_conf_t  *mlcf;
 
     ctx->age = a->age;
+    a->key = ctx->key;
+
+    if (ctx->member) {
+        ngx_http_modelcache_aggregate_record(ctx, NGX_HTTP_OK, NULL, NULL, a);
+        return NGX_OK;
+    }
 
     mlcf = ngx_http_get_module_loc_conf(r, ngx_http_modelcache_module);
+
+    if (mlcf->lookup || mlcf->hide || mlcf->show || mlcf->labelled
+        || ctx->filter.set)
+    {
+        return ngx_http_modelcache_handler_derive(r, ctx, a, 1);
+    }
+
+    return ngx_http_modelcache_send_stored(r, ctx, a);
+}
+
+
+/*
+ * The answer of a lookup, filter, hide/show or merge over n lists: a
+ * stored one if the zone has it, else made now, in request memory, and
+ * stored as a child of the (first) list entry it came from.
+ */
+
+ngx_int_t
+ngx_http_modelcache_handler_derive(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx, ngx_http_modelcache_answer_t *a,
+    ngx_uint_t n)
+{
+    ngx_int_t                        rc;
+    ngx_str_t                        value;
+    ngx_http_modelcache_answer_t     out;
+    ngx_http_modelcache_derive_t     d;
+    ngx_http_modelcache_loc_conf_t  *mlcf;
+
+    mlcf = ngx_http_get_module_loc_conf(r, ngx_http_modelcache_module);
+
+    ngx_memzero(&d, sizeof(ngx_http_modelcache_derive_t));
+
+    d.sources = a;
+    d.nsources = n;
+    d.mlcf = mlcf;
+    d.filter = ctx->filter.set ? &ctx->filter : NULL;
 
     if (mlcf->lookup) {
         if (ngx_http_complex_value(r, mlcf->lookup, &value) != NGX_OK) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
 
-        rc = ngx_http_modelcache_handler_lookup(r, a, &value);
+        d.lookup = &value;
+    }
 
-        if (rc == NGX_DECLINED) {
-            return ngx_http_modelcache_send_not_found(r, &value);
+    ngx_http_modelcache_handler_combine(a, n, &out);
+    ctx->age = out.age;
+
+    rc = ngx_http_modelcache_derive_build(r, ctx, &d, &out);
+
+    if (rc == NGX_DECLINED) {
+        return ngx_http_modelcache_send_not_found(r,
+                                     d.lookup ? d.lookup : &d.filter->after,
+                                     d.param);
+    }
+
+    if (rc != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    return ngx_http_modelcache_send_stored(r, ctx, &out);
+}
+
+
+static ngx_int_t
+ngx_http_modelcache_derive_build(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx, ngx_http_modelcache_derive_t *d,
+    ngx_http_modelcache_answer_t *out)
+{
+    u_char                          *etag;
+    u_char                           key[NGX_HTTP_MODELCACHE_KEY_LEN];
+    ngx_int_t                        rc;
+    ngx_uint_t                       i;
+    ngx_http_modelcache_node_t      *node;
+    ngx_http_modelcache_counters_t  *c;
+
+    c = &ctx->zone->sh->counters;
+
+    if (ngx_http_modelcache_key_derived(r, d, key) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (ctx->member == 0 && d->nsources > 1) {
+        /* a merge's $modelcache_key: what its answer is made of */
+        ngx_memcpy(ctx->key, key, NGX_HTTP_MODELCACHE_KEY_LEN);
+    }
+
+    node = ngx_http_modelcache_zone_derived_lookup(ctx->zone, key);
+
+    if (node) {
+        ctx->derived = node;
+        out->body = node->body;
+        out->len = node->body_len;
+        out->etag = node->etag;
+
+        (void) ngx_atomic_fetch_add(&c->derived_hits, 1);
+
+        return NGX_OK;
+    }
+
+    rc = ngx_http_modelcache_json_derive(d, r->pool);
+
+    if (rc != NGX_OK) {
+        if (rc == NGX_ERROR) {
+            ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                          "modelcache: cannot derive an answer from the "
+                          "stored list");
         }
 
-        if (rc != NGX_OK) {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        return rc;
+    }
+
+    etag = ngx_pnalloc(r->pool, NGX_HTTP_MODELCACHE_ETAG_LEN);
+    if (etag == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (ngx_http_modelcache_key_etag(d->out.data, d->out.len, etag)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    (void) ngx_atomic_fetch_add(&c->derived_builds, 1);
+
+    out->body = d->out.data;
+    out->len = d->out.len;
+    out->etag = etag;
+
+    /* kept with a list entry it came from; a list fetched now is not one */
+
+    for (i = 0; i < d->nsources; i++) {
+        if (d->sources[i].node) {
+            ngx_http_modelcache_zone_derived_store(ctx->zone,
+                                                   d->sources[i].node, key,
+                                                   &d->out, etag);
+            break;
         }
     }
+
+    return NGX_OK;
+}
+
+
+/* what n answers merged say: the oldest age, the soonest expiry */
+
+void
+ngx_http_modelcache_handler_combine(ngx_http_modelcache_answer_t *a,
+    ngx_uint_t n, ngx_http_modelcache_answer_t *out)
+{
+    ngx_uint_t  i;
+
+    *out = a[0];
+
+    for (i = 1; i < n; i++) {
+        out->age = ngx_max(out->age, a[i].age);
+        out->max_age = ngx_min(out->max_age, a[i].max_age);
+        out->fetched = ngx_max(out->fetched, a[i].fetched);
+    }
+}
+
+
+static ngx_int_t
+ngx_http_modelcache_send_stored(ngx_http_request_t *r,
+    ngx_http_modelcache_ctx_t *ctx, ngx_http_modelcache_answer_t *a)
+{
+    u_char     *p;
+    ngx_str_t   value;
 
     /* for nginx's not-modified filter too: If-Unmodified-Since needs it */
     r->headers_out.last_modified_time = a->fetched;
@@ -602,46 +806,13 @@ ngx_http_modelcache_send_answer(ngx_http_request_t *r,
 
 
 /*
- * modelcache_lookup: the answer becomes the one model object, taken from
- * the list the entry holds (the list location's entry: the key is the
- * same), with an ETag of its own
+ * The shape OpenAI's API answers, which its SDKs understand: a model that
+ * is not there (param "model"), or a filter that leaves none.
  */
 
 static ngx_int_t
-ngx_http_modelcache_handler_lookup(ngx_http_request_t *r,
-    ngx_http_modelcache_answer_t *a, ngx_str_t *id)
-{
-    u_char     *etag;
-    ngx_int_t   rc;
-    ngx_str_t   model;
-
-    rc = ngx_http_modelcache_json_lookup(a->body, a->len, id, &model,
-                                         r->pool);
-    if (rc != NGX_OK) {
-        return rc;
-    }
-
-    etag = ngx_pnalloc(r->pool, NGX_HTTP_MODELCACHE_ETAG_LEN);
-    if (etag == NULL) {
-        return NGX_ERROR;
-    }
-
-    if (ngx_http_modelcache_key_etag(model.data, model.len, etag) != NGX_OK) {
-        return NGX_ERROR;
-    }
-
-    a->body = model.data;
-    a->len = model.len;
-    a->etag = etag;
-
-    return NGX_OK;
-}
-
-
-/* the shape OpenAI's API answers, which its SDKs understand */
-
-static ngx_int_t
-ngx_http_modelcache_send_not_found(ngx_http_request_t *r, ngx_str_t *id)
+ngx_http_modelcache_send_not_found(ngx_http_request_t *r, ngx_str_t *id,
+    const char *param)
 {
     u_char     *p;
     size_t      len;
@@ -649,28 +820,164 @@ ngx_http_modelcache_send_not_found(ngx_http_request_t *r, ngx_str_t *id)
 
     len = sizeof("{\"error\":{\"message\":\"The model '' does not exist or "
                  "you do not have access to it.\",\"type\":"
-                 "\"invalid_request_error\",\"param\":\"model\","
-                 "\"code\":\"model_not_found\"}}\n") - 1
-          + id->len + ngx_escape_json(NULL, id->data, id->len);
+                 "\"invalid_request_error\",\"param\":\"\","
+                 "\"code\":\"model_not_found\"}}\\n") - 1
+          + id->len + ngx_escape_json(NULL, id->data, id->len)
+          + ngx_strlen(param);
 
     body.data = ngx_pnalloc(r->pool, len);
     if (body.data == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    p = ngx_cpymem(body.data, "{\"error\":{\"message\":\"The model '",
-                   sizeof("{\"error\":{\"message\":\"The model '") - 1);
-    p = (u_char *) ngx_escape_json(p, id->data, id->len);
-    p = ngx_cpymem(p, "' does not exist or you do not have access to it.\","
-                   "\"type\":\"invalid_request_error\",\"param\":\"model\","
-                   "\"code\":\"model_not_found\"}}\n",
-                   sizeof("' does not exist or you do not have access to it.\","
-                          "\"type\":\"invalid_request_error\",\"param\":"
-                          "\"model\",\"code\":\"model_not_found\"}}\n") - 1);
+    p = body.data;
+
+    if (ngx_strcmp(param, "model") == 0) {
+        p = ngx_cpymem(p, "{\"error\":{\"message\":\"The model '",
+                       sizeof("{\"error\":{\"message\":\"The model '") - 1);
+        p = (u_char *) ngx_escape_json(p, id->data, id->len);
+        p = ngx_cpymem(p, "' does not exist or you do not have access to "
+                       "it.\"", sizeof("' does not exist or you do not have "
+                                       "access to it.\"") - 1);
+
+    } else {
+        p = ngx_cpymem(p, "{\"error\":{\"message\":\"No model matches the "
+                       "filter.\"", sizeof("{\"error\":{\"message\":\"No "
+                                           "model matches the filter.\"")
+                                    - 1);
+    }
+
+    p = ngx_sprintf(p, ",\"type\":\"invalid_request_error\",\"param\":\"%s\","
+                    "\"code\":\"model_not_found\"}}\n", param);
     body.len = p - body.data;
 
     return ngx_http_modelcache_send(r, NGX_HTTP_NOT_FOUND,
                                     &ngx_http_modelcache_json_type, &body);
+}
+
+
+/* 400, in the same shape */
+
+static ngx_int_t
+ngx_http_modelcache_send_bad_arg(ngx_http_request_t *r, const char *param,
+    const char *message)
+{
+    u_char     *p;
+    size_t      len;
+    ngx_str_t   body;
+
+    len = sizeof("{\"error\":{\"message\":\"\",\"type\":"
+                 "\"invalid_request_error\",\"param\":\"\","
+                 "\"code\":\"invalid_filter\"}}\n")
+          + ngx_strlen(message) + ngx_strlen(param);
+
+    body.data = ngx_pnalloc(r->pool, len);
+    if (body.data == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = ngx_sprintf(body.data, "{\"error\":{\"message\":\"%s\",\"type\":"
+                    "\"invalid_request_error\",\"param\":\"%s\","
+                    "\"code\":\"invalid_filter\"}}\n", message, param);
+    body.len = p - body.data;
+
+    return ngx_http_modelcache_send(r, NGX_HTTP_BAD_REQUEST,
+                                    &ngx_http_modelcache_json_type, &body);
+}
+
+
+/*
+ * modelcache_filter: q, owned_by, sort, limit, after; percent-decoded,
+ * checked.  NGX_DECLINED: a bad one, *param and *message say which, why.
+ */
+
+static ngx_int_t
+ngx_http_modelcache_handler_args(ngx_http_request_t *r,
+    ngx_http_modelcache_filter_t *f, const char **param, const char **message)
+{
+    ngx_int_t  n;
+    ngx_str_t  v;
+
+    if (ngx_http_modelcache_handler_arg(r, "q", &f->q) != NGX_OK
+        || ngx_http_modelcache_handler_arg(r, "owned_by", &f->owned_by)
+           != NGX_OK
+        || ngx_http_modelcache_handler_arg(r, "after", &f->after) != NGX_OK
+        || ngx_http_modelcache_handler_arg(r, "sort", &v) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    if (v.len) {
+        if (v.len == 2 && ngx_strncmp(v.data, "id", 2) == 0) {
+            f->sort = NGX_HTTP_MODELCACHE_SORT_ID;
+
+        } else if (v.len == 3 && ngx_strncmp(v.data, "-id", 3) == 0) {
+            f->sort = -NGX_HTTP_MODELCACHE_SORT_ID;
+
+        } else if (v.len == 7 && ngx_strncmp(v.data, "created", 7) == 0) {
+            f->sort = NGX_HTTP_MODELCACHE_SORT_CREATED;
+
+        } else if (v.len == 8 && ngx_strncmp(v.data, "-created", 8) == 0) {
+            f->sort = -NGX_HTTP_MODELCACHE_SORT_CREATED;
+
+        } else {
+            *param = "sort";
+            *message = "sort must be one of id, -id, created, -created";
+            return NGX_DECLINED;
+        }
+    }
+
+    if (ngx_http_modelcache_handler_arg(r, "limit", &v) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (v.len) {
+        n = (v.len <= 6) ? ngx_atoi(v.data, v.len) : NGX_ERROR;
+
+        if (n < 1 || n > NGX_HTTP_MODELCACHE_LIMIT_MAX) {
+            *param = "limit";
+            *message = "limit must be a whole number from 1 to 100000";
+            return NGX_DECLINED;
+        }
+
+        f->limit = n;
+    }
+
+    f->set = (f->q.len || f->owned_by.len || f->after.len || f->sort
+              || f->limit);
+
+    return NGX_OK;
+}
+
+
+/* an arg's value, percent-decoded ('+' stays); empty when absent */
+
+static ngx_int_t
+ngx_http_modelcache_handler_arg(ngx_http_request_t *r, const char *name,
+    ngx_str_t *value)
+{
+    u_char     *dst, *src;
+    ngx_str_t   raw;
+
+    ngx_str_null(value);
+
+    if (ngx_http_arg(r, (u_char *) name, ngx_strlen(name), &raw) != NGX_OK
+        || raw.len == 0)
+    {
+        return NGX_OK;
+    }
+
+    value->data = ngx_pnalloc(r->pool, raw.len);
+    if (value->data == NULL) {
+        return NGX_ERROR;
+    }
+
+    dst = value->data;
+    src = raw.data;
+    ngx_unescape_uri(&dst, &src, raw.len, 0);
+    value->len = dst - value->data;
+
+    return NGX_OK;
 }
 
 
@@ -730,13 +1037,19 @@ ngx_http_modelcache_send(ngx_http_request_t *r, ngx_uint_t status,
     ngx_int_t                   rc;
     ngx_http_modelcache_ctx_t  *ctx;
 
+    ctx = ngx_http_get_module_ctx(r, ngx_http_modelcache_module);
+
+    if (ctx && ctx->member) {
+        /* a member of a merge answers the merging request, not a client */
+        ngx_http_modelcache_aggregate_record(ctx, status, type, body, NULL);
+        return NGX_OK;
+    }
+
     r->headers_out.status = status;
     r->headers_out.content_type = *type;
     r->headers_out.content_type_len = type->len;
     r->headers_out.content_type_lowcase = NULL;
     r->headers_out.content_length_n = body->len;
-
-    ctx = ngx_http_get_module_ctx(r, ngx_http_modelcache_module);
 
     if (ctx && ngx_http_modelcache_add_status_header(r, ctx) != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
@@ -952,6 +1265,11 @@ ngx_http_modelcache_ctx_cleanup(void *data)
     if (ctx->stale) {
         ngx_http_modelcache_zone_unpin(ctx->zone, ctx->stale);
         ctx->stale = NULL;
+    }
+
+    if (ctx->derived) {
+        ngx_http_modelcache_zone_unpin(ctx->zone, ctx->derived);
+        ctx->derived = NULL;
     }
 
     ngx_http_modelcache_fetch_cleanup(ctx);

@@ -59,7 +59,15 @@ static ngx_http_modelcache_metric_t  ngx_http_modelcache_metrics[] = {
     { ngx_string("purged"), ngx_string("modelcache_purged_total"),
       "entries purged", NGX_HTTP_MODELCACHE_COUNTER },
     { ngx_string("lock_waits"), ngx_string("modelcache_lock_waits_total"),
-      "requests that waited for another's fetch", NGX_HTTP_MODELCACHE_COUNTER }
+      "requests that waited for another's fetch", NGX_HTTP_MODELCACHE_COUNTER },
+    { ngx_string("derived"), ngx_string("modelcache_derived_entries"),
+      "derived answers stored (lookups, filter variants, merged lists)",
+      NGX_HTTP_MODELCACHE_GAUGE },
+    { ngx_string("derived_builds"),
+      ngx_string("modelcache_derived_builds_total"),
+      "derived answers computed from a list", NGX_HTTP_MODELCACHE_COUNTER },
+    { ngx_string("derived_hits"), ngx_string("modelcache_derived_hits_total"),
+      "derived answers served as stored", NGX_HTTP_MODELCACHE_COUNTER }
 };
 
 #define NGX_HTTP_MODELCACHE_NMETRICS                                         \
@@ -162,10 +170,10 @@ ngx_http_modelcache_stats_values(ngx_http_modelcache_zone_t *zone,
     ngx_atomic_uint_t *values)
 {
     size_t                           used;
-    ngx_uint_t                       entries;
+    ngx_uint_t                       entries, derived;
     ngx_http_modelcache_counters_t  *c;
 
-    ngx_http_modelcache_zone_usage(zone, &entries, &used);
+    ngx_http_modelcache_zone_usage(zone, &entries, &derived, &used);
 
     c = &zone->sh->counters;
 
@@ -183,6 +191,9 @@ ngx_http_modelcache_stats_values(ngx_http_modelcache_zone_t *zone,
     values[11] = c->evictions;
     values[12] = c->purged;
     values[13] = c->lock_waits;
+    values[14] = derived;
+    values[15] = c->derived_builds;
+    values[16] = c->derived_hits;
 }
 
 

@@ -370,6 +370,8 @@ ngx_http_modelcache_zone_store(ngx_http_modelcache_zone_t *zone,
     ngx_memcpy(node->etag, etag, NGX_HTTP_MODELCACHE_ETAG_LEN);
     ngx_memcpy(&node->node.key, ctx->key, sizeof(ngx_rbtree_key_t));
 
+    ngx_queue_init(&node->children);
+
     node->fetched = now;
     node->expires = now + ttl;
     node->accessed = now;
@@ -421,6 +423,94 @@ ngx_http_modelcache_zone_delete(ngx_http_modelcache_zone_t *zone, u_char *key)
 }
 
 
+/*
+ * A derived answer (lookup, filter variant, merged list), pinned, or NULL.
+ * Its key holds the digests of the lists it was made from, so a newer
+ * list never finds the answer of an older one.
+ */
+
+ngx_http_modelcache_node_t *
+ngx_http_modelcache_zone_derived_lookup(ngx_http_modelcache_zone_t *zone,
+    u_char *key)
+{
+    ngx_http_modelcache_node_t  *node;
+
+    ngx_shmtx_lock(&zone->shpool->mutex);
+
+    node = ngx_http_modelcache_zone_find_locked(zone, key);
+
+    if (node) {
+        ngx_http_modelcache_zone_touch_locked(zone, node, ngx_time());
+        ngx_http_modelcache_zone_pin_locked(node);
+    }
+
+    ngx_shmtx_unlock(&zone->shpool->mutex);
+
+    return node;
+}
+
+
+/*
+ * Keeps a derived answer as a child of the list entry it came from (the
+ * caller has that entry pinned); not if the entry went meanwhile, or if
+ * another request stored the same answer first.
+ */
+
+void
+ngx_http_modelcache_zone_derived_store(ngx_http_modelcache_zone_t *zone,
+    ngx_http_modelcache_node_t *parent, u_char *key, ngx_str_t *body,
+    u_char *etag)
+{
+    time_t                       now;
+    ngx_http_modelcache_node_t  *node;
+
+    if (body->len > zone->max_entry) {
+        return;
+    }
+
+    node = ngx_http_modelcache_zone_alloc(zone,
+                          offsetof(ngx_http_modelcache_node_t, data)
+                          + body->len);
+    if (node == NULL) {
+        return;
+    }
+
+    now = ngx_time();
+
+    ngx_memzero(node, offsetof(ngx_http_modelcache_node_t, data));
+
+    ngx_memcpy(node->key, key, NGX_HTTP_MODELCACHE_KEY_LEN);
+    ngx_memcpy(node->etag, etag, NGX_HTTP_MODELCACHE_ETAG_LEN);
+    ngx_memcpy(&node->node.key, key, sizeof(ngx_rbtree_key_t));
+    ngx_queue_init(&node->children);
+
+    node->fetched = parent->fetched;
+    node->expires = parent->expires;
+    node->accessed = now;
+    node->body_len = body->len;
+    node->body = node->data;
+    (void) ngx_http_modelcache_zone_copy(node->data, body->data, body->len);
+
+    ngx_shmtx_lock(&zone->shpool->mutex);
+
+    if (parent->dead || ngx_http_modelcache_zone_find_locked(zone, key)) {
+        ngx_slab_free_locked(zone->shpool, node);
+        goto done;
+    }
+
+    node->parent = parent;
+    ngx_queue_insert_tail(&parent->children, &node->sibling);
+
+    ngx_rbtree_insert(&zone->sh->rbtree, &node->node);
+    ngx_queue_insert_head(&zone->sh->lru, &node->queue);
+    zone->sh->derived++;
+
+done:
+
+    ngx_shmtx_unlock(&zone->shpool->mutex);
+}
+
+
 /* scope or pass NULL: any; returns how many entries went */
 
 ngx_uint_t
@@ -442,6 +532,11 @@ ngx_http_modelcache_zone_purge(ngx_http_modelcache_zone_t *zone,
         next = ngx_queue_next(q);
         node = ngx_queue_data(q, ngx_http_modelcache_node_t, queue);
 
+        if (node->parent) {
+            /* derived: goes with its list */
+            continue;
+        }
+
         if (scope
             && (scope->len != node->scope_len
                 || ngx_memcmp(scope->data, node->data, scope->len) != 0))
@@ -456,6 +551,16 @@ ngx_http_modelcache_zone_purge(ngx_http_modelcache_zone_t *zone,
                    != 0))
         {
             continue;
+        }
+
+        /* the unlink frees the node's children: "next" must not be one */
+        while (next != ngx_queue_sentinel(&zone->sh->lru)
+               && ((ngx_http_modelcache_node_t *)
+                   ((u_char *) next
+                    - offsetof(ngx_http_modelcache_node_t, queue)))->parent
+                  == node)
+        {
+            next = ngx_queue_next(next);
         }
 
         ngx_http_modelcache_zone_unlink_locked(zone, node);
@@ -728,7 +833,7 @@ ngx_http_modelcache_zone_drop_failed_locked(ngx_http_modelcache_zone_t *zone,
 
 void
 ngx_http_modelcache_zone_usage(ngx_http_modelcache_zone_t *zone,
-    ngx_uint_t *entries, size_t *used)
+    ngx_uint_t *entries, ngx_uint_t *derived, size_t *used)
 {
     ngx_slab_pool_t  *shpool;
 
@@ -737,6 +842,7 @@ ngx_http_modelcache_zone_usage(ngx_http_modelcache_zone_t *zone,
     ngx_shmtx_lock(&shpool->mutex);
 
     *entries = zone->sh->entries;
+    *derived = zone->sh->derived;
     *used = (size_t) (shpool->end - (u_char *) shpool)
             - shpool->pfree * ngx_pagesize;
 
@@ -821,6 +927,9 @@ ngx_http_modelcache_zone_expire_locked(ngx_http_modelcache_zone_t *zone,
         ngx_http_modelcache_zone_unlink_locked(zone, node);
         (void) ngx_atomic_fetch_add(&zone->sh->counters.evictions, 1);
         n++;
+
+        /* its children may have been anywhere, "prev" too: from the end */
+        prev = ngx_queue_last(&zone->sh->lru);
     }
 }
 
@@ -859,9 +968,28 @@ static void
 ngx_http_modelcache_zone_unlink_locked(ngx_http_modelcache_zone_t *zone,
     ngx_http_modelcache_node_t *node)
 {
+    ngx_queue_t                 *q;
+    ngx_http_modelcache_node_t  *child;
+
     ngx_rbtree_delete(&zone->sh->rbtree, &node->node);
     ngx_queue_remove(&node->queue);
-    zone->sh->entries--;
+
+    if (node->parent) {
+        ngx_queue_remove(&node->sibling);
+        node->parent = NULL;
+        zone->sh->derived--;
+
+    } else {
+        zone->sh->entries--;
+
+        /* what was derived from a list goes with it */
+
+        while (!ngx_queue_empty(&node->children)) {
+            q = ngx_queue_head(&node->children);
+            child = ngx_queue_data(q, ngx_http_modelcache_node_t, sibling);
+            ngx_http_modelcache_zone_unlink_locked(zone, child);
+        }
+    }
 
     node->dead = 1;
 

@@ -80,11 +80,12 @@ EOF
 $t->run;
 
 my @FIELDS = qw(zone size used entries hits misses expired stale updating bypass
-                errors upstream_fetches evictions purged lock_waits);
+                errors upstream_fetches evictions purged lock_waits derived
+                derived_builds derived_hits);
 my @COUNTERS = qw(hits misses expired stale updating bypass errors upstream_fetches
-                  evictions purged lock_waits);
+                  evictions purged lock_waits derived_builds derived_hits);
 my %GAUGE = (size => 'modelcache_zone_size_bytes', used => 'modelcache_zone_used_bytes',
-             entries => 'modelcache_entries');
+             entries => 'modelcache_entries', derived => 'modelcache_derived_entries');
 
 sub stats {
     my ($loc) = @_;
@@ -111,7 +112,7 @@ is($r->{status}, 200, 'fresh: 200');
 is($r->{headers}{'content-type'}, 'application/json', 'fresh: application/json');
 my @keys = $r->{content} =~ /"(\w+)":/g;
 is_deeply(\@keys, \@FIELDS, 'JSON fields, in order');
-like($r->{content}, qr/\A\{"zone":"models"(,"\w+":\d+){14}\}\n\z/,
+like($r->{content}, qr/\A\{"zone":"models"(,"\w+":\d+){17}\}\n\z/,
      'one JSON object, integer values');
 my $fresh = MCTest::json_decode($r->{content});
 is($fresh->{zone}, 'models', 'fresh: zone name');
@@ -251,9 +252,9 @@ sub prometheus_matches_json {
     my %got = map { $_ => { type => $m->{$_}{type}, zone => $m->{$_}{zone},
                             value => $m->{$_}{value} } } keys %$m;
     is_deeply(\%got, \%expect,
-              "$name: 3 gauges, 11 _total counters, zone label, the JSON's values")
+              "$name: 4 gauges, 13 _total counters, zone label, the JSON's values")
         or diag($r->{content});
-    is(scalar(grep { length($m->{$_}{help} // '') } keys %$m), 14, "$name: each has # HELP text");
+    is(scalar(grep { length($m->{$_}{help} // '') } keys %$m), 17, "$name: each has # HELP text");
     is(scalar(grep { /_total$/ && $m->{$_}{type} ne 'counter' } keys %$m), 0,
        "$name: every _total is a counter");
     is(scalar(grep { !/_total$/ && $m->{$_}{type} ne 'gauge' } keys %$m), 0,

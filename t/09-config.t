@@ -113,15 +113,65 @@ bad('modelcache off with a modelcache_pass', $ZONE . server(<<'EOF'),
 EOF
     qr/"modelcache_pass" in location "\/a" is set without "modelcache"/);
 
-bad('a second modelcache_pass', $ZONE . server(<<'EOF'),
+bad('several modelcache_pass, one without a label', $ZONE . server(<<'EOF'),
         location /a {
             modelcache      models;
             modelcache_pass /_p/v1/models provider=openai;
-            modelcache_pass /_p/api/tags provider=ollama;
+            modelcache_pass /_p/api/tags;
         }
 EOF
-    qr/"modelcache_pass" is duplicate: this version fetches one provider per location/,
-    qr/provider=ollama/);
+    qr/"modelcache_pass" in location "\/a" has no provider=LABEL: with several passes, each needs one/);
+
+bad('several modelcache_pass, a label twice', $ZONE . server(<<'EOF'),
+        location /a {
+            modelcache      models;
+            modelcache_pass /_p/v1/models provider=openai;
+            modelcache_pass /_p/api/tags provider=openai;
+        }
+EOF
+    qr/"modelcache_pass" in location "\/a" repeats provider=openai/);
+
+bad('a provider label that is not a token', $ZONE . server(<<'EOF'),
+        location /a {
+            modelcache      models;
+            modelcache_pass /_p/v1/models provider=a/b;
+        }
+EOF
+    qr/"modelcache_pass" has an invalid provider label "a\/b"/);
+
+bad('a bad modelcache_hide regex', $ZONE . server(<<'EOF'),
+        location /a {
+            modelcache      models;
+            modelcache_pass /_p/v1/models;
+            modelcache_hide "(";
+        }
+EOF
+    qr/"modelcache_hide" has an invalid regex "\(": /);
+
+bad('a bad modelcache_show regex, case-insensitive', $ZONE . server(<<'EOF'),
+        location /a {
+            modelcache      models;
+            modelcache_pass /_p/v1/models;
+            modelcache_show "~*[a-";
+        }
+EOF
+    qr/"modelcache_show" has an invalid regex "~\*\[a-": /);
+
+bad('modelcache_hide with no regex', $ZONE . server(<<'EOF'),
+        modelcache_hide "~*";
+EOF
+    qr/"modelcache_hide" needs a regex, not "~\*"/);
+
+bad('modelcache_filter with a bad value', $ZONE . server(<<'EOF'),
+        modelcache_filter yes;
+EOF
+    qr/invalid value "yes" in "modelcache_filter" directive/);
+
+bad('modelcache_list_field twice', $ZONE . server(<<'EOF'),
+        modelcache_list_field data;
+        modelcache_list_field models;
+EOF
+    qr/"modelcache_list_field" directive is duplicate/);
 
 for my $uri ('http://127.0.0.1/v1/models', '_p/v1/models', 'v1/models') {
     bad("modelcache_pass $uri", $ZONE . server(<<"EOF"),
