@@ -14,6 +14,7 @@ static void *ngx_http_modelcache_create_loc_conf(ngx_conf_t *cf);
 static char *ngx_http_modelcache_merge_loc_conf(ngx_conf_t *cf, void *parent,
     void *child);
 static ngx_int_t ngx_http_modelcache_init(ngx_conf_t *cf);
+static void ngx_http_modelcache_exit_process(ngx_cycle_t *cycle);
 
 static char *ngx_http_modelcache_zone(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
@@ -215,7 +216,7 @@ ngx_module_t  ngx_http_modelcache_module = {
     NULL,                                  /* init process */
     NULL,                                  /* init thread */
     NULL,                                  /* exit thread */
-    NULL,                                  /* exit process */
+    ngx_http_modelcache_exit_process,      /* exit process */
     NULL,                                  /* exit master */
     NGX_MODULE_V1_PADDING
 };
@@ -411,6 +412,13 @@ ngx_http_modelcache_init(ngx_conf_t *cf)
     }
 
     return ngx_http_modelcache_fetch_init_filters(cf);
+}
+
+
+static void
+ngx_http_modelcache_exit_process(ngx_cycle_t *cycle)
+{
+    ngx_http_modelcache_key_cleanup();
 }
 
 

@@ -66,6 +66,9 @@ typedef struct {
 /* a failed answer larger than this is not kept for the waiters */
 #define NGX_HTTP_MODELCACHE_FAILED_MAX     65536
 
+/* the gzip copy of a list, made once per fetch: gzip -6, as gzip_static's */
+#define NGX_HTTP_MODELCACHE_GZIP_LEVEL     6
+
 /* the cross-worker poll of a waiting request backs off up to this (ms) */
 #define NGX_HTTP_MODELCACHE_WAIT_MAX       4
 
@@ -95,7 +98,7 @@ typedef struct {
 
 /*
  * One stored entry, a single slab allocation: the struct, then the scope,
- * the pass URI and the body.  Once linked into the tree an entry is never
+ * the pass URI, the body and its gzip copy.  Once linked into the tree an entry is never
  * written again except for its LRU links, "accessed", "pins" and its
  * children queue; a newer answer for the same key is a new entry that
  * replaces it.  A derived answer (lookup, filter variant, merged list) is
@@ -124,6 +127,9 @@ struct ngx_http_modelcache_node_s {
     size_t                           pass_len;
     size_t                           body_len;
     u_char                          *body;
+    size_t                           gz_len;       /* 0: no gzip copy */
+    u_char                          *gz;
+    u_char                           gz_etag[NGX_HTTP_MODELCACHE_ETAG_LEN];
     u_char                           data[1];
 };
 
@@ -287,6 +293,8 @@ typedef struct {
 
     ngx_http_modelcache_fetch_t      fetch;
     u_char                           etag[NGX_HTTP_MODELCACHE_ETAG_LEN];
+    ngx_str_t                        gz;           /* the fetch's gzip copy */
+    u_char                           gz_etag[NGX_HTTP_MODELCACHE_ETAG_LEN];
 
     /* single flight: the lock we own, or the fetch we wait for */
     ngx_uint_t                       lock_gen;
@@ -322,6 +330,9 @@ typedef struct {
     time_t                           fetched;
     time_t                           age;
     time_t                           max_age;
+    u_char                          *gz;           /* or NULL */
+    size_t                           gz_len;
+    u_char                          *gz_etag;
     ngx_http_modelcache_node_t      *node;         /* body's entry, or NULL */
     u_char                          *key;          /* of that list */
     ngx_str_t                        label;        /* its provider=LABEL */
@@ -398,6 +409,11 @@ ngx_int_t ngx_http_modelcache_key_build(ngx_http_request_t *r,
 ngx_int_t ngx_http_modelcache_key_etag(u_char *body, size_t len, u_char *etag);
 ngx_int_t ngx_http_modelcache_key_derived(ngx_http_request_t *r,
     ngx_http_modelcache_derive_t *d, u_char *key);
+void ngx_http_modelcache_key_cleanup(void);
+
+/* gzip */
+ngx_int_t ngx_http_modelcache_gzip(ngx_pool_t *pool, u_char *body, size_t len,
+    ngx_str_t *gz, u_char *etag);
 
 /* fetch */
 ngx_int_t ngx_http_modelcache_fetch(ngx_http_request_t *r,

@@ -32,6 +32,7 @@ static ngx_int_t ngx_http_modelcache_send_answer(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx, ngx_http_modelcache_answer_t *a);
 static ngx_int_t ngx_http_modelcache_send_stored(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx, ngx_http_modelcache_answer_t *a);
+static ngx_int_t ngx_http_modelcache_send_gzip(ngx_http_request_t *r);
 static ngx_int_t ngx_http_modelcache_derive_build(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx, ngx_http_modelcache_derive_t *d,
     ngx_http_modelcache_answer_t *out);
@@ -284,6 +285,9 @@ ngx_http_modelcache_handler_serve(ngx_http_request_t *r,
     a.fetched = node->fetched;
     a.age = now - node->fetched;
     a.max_age = node->expires - now;
+    a.gz = node->gz;
+    a.gz_len = node->gz_len;
+    a.gz_etag = node->gz_etag;
     a.node = node;
     ngx_str_null(&a.label);
 
@@ -317,6 +321,9 @@ ngx_http_modelcache_handler_fetched(ngx_http_request_t *r,
         a.fetched = ngx_time();
         a.age = 0;
         a.max_age = mlcf->ttl;
+        a.gz = ctx->gz.data;
+        a.gz_len = ctx->gz.len;
+        a.gz_etag = ctx->gz_etag;
         a.node = NULL;
         ngx_str_null(&a.label);
 
@@ -475,6 +482,16 @@ ngx_http_modelcache_settle_list(ngx_http_request_t *r,
         return NGX_ERROR;
     }
 
+    if (f->len <= ctx->zone->max_entry
+        && ngx_http_modelcache_gzip(r->pool, f->body, f->len, &ctx->gz,
+                                    ctx->gz_etag)
+           == NGX_ERROR)
+    {
+        /* served and stored all the same, without a gzip copy */
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "modelcache: cannot make the gzip copy of a list");
+    }
+
     if (f->len > ctx->zone->max_entry) {
         ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
                       "modelcache: provider answer of %uz bytes exceeds "
@@ -591,6 +608,12 @@ ngx_http_modelcache_send_answer(ngx_http_request_t *r,
 
     mlcf = ngx_http_get_module_loc_conf(r, ngx_http_modelcache_module);
 
+    if (mlcf->labelled) {
+        /* one labelled pass: a merge of one */
+        a->label = ((ngx_http_modelcache_pass_t *) mlcf->passes->elts)
+                   ->provider;
+    }
+
     if (mlcf->lookup || mlcf->hide || mlcf->show || mlcf->labelled
         || ctx->filter.set)
     {
@@ -684,6 +707,7 @@ ngx_http_modelcache_derive_build(ngx_http_request_t *r,
         out->body = node->body;
         out->len = node->body_len;
         out->etag = node->etag;
+        out->gz_len = 0;
 
         (void) ngx_atomic_fetch_add(&c->derived_hits, 1);
 
@@ -718,6 +742,7 @@ ngx_http_modelcache_derive_build(ngx_http_request_t *r,
     out->body = d->out.data;
     out->len = d->out.len;
     out->etag = etag;
+    out->gz_len = 0;
 
     /* kept with a list entry it came from; a list fetched now is not one */
 
@@ -756,13 +781,33 @@ static ngx_int_t
 ngx_http_modelcache_send_stored(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx, ngx_http_modelcache_answer_t *a)
 {
-    u_char     *p;
+    u_char     *p, *body, *etag;
+    size_t      len;
+    ngx_int_t   rc;
     ngx_str_t   value;
 
     /* for nginx's not-modified filter too: If-Unmodified-Since needs it */
     r->headers_out.last_modified_time = a->fetched;
 
-    value.data = a->etag;
+    body = a->body;
+    len = a->len;
+    etag = a->etag;
+
+    if (a->gz_len) {
+        rc = ngx_http_modelcache_send_gzip(r);
+
+        if (rc == NGX_ERROR) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        if (rc == NGX_OK) {
+            body = a->gz;
+            len = a->gz_len;
+            etag = a->gz_etag;
+        }
+    }
+
+    value.data = etag;
     value.len = NGX_HTTP_MODELCACHE_ETAG_LEN;
 
     if (ngx_http_modelcache_add_header(r, "ETag", &value,
@@ -797,11 +842,53 @@ ngx_http_modelcache_send_stored(ngx_http_request_t *r,
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    value.data = a->body;
-    value.len = a->len;
+    value.data = body;
+    value.len = len;
 
     return ngx_http_modelcache_send(r, NGX_HTTP_OK,
                                     &ngx_http_modelcache_json_type, &value);
+}
+
+
+/*
+ * A list with a gzip copy varies by Accept-Encoding; the copy answers a
+ * client that accepts it, as gzip_static would (gzip_http_version,
+ * gzip_proxied and gzip_disable apply).  NGX_OK: Content-Encoding is set.
+ */
+
+static ngx_int_t
+ngx_http_modelcache_send_gzip(ngx_http_request_t *r)
+{
+    ngx_str_t  value;
+
+    ngx_str_set(&value, "Accept-Encoding");
+
+    if (ngx_http_modelcache_add_header(r, "Vary", &value, NULL) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+#if (NGX_HTTP_GZIP)
+
+    if (ngx_http_gzip_ok(r) != NGX_OK) {
+        return NGX_DECLINED;
+    }
+
+    ngx_str_set(&value, "gzip");
+
+    if (ngx_http_modelcache_add_header(r, "Content-Encoding", &value,
+                                       &r->headers_out.content_encoding)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+
+#else
+
+    return NGX_DECLINED;
+
+#endif
 }
 
 

@@ -350,7 +350,7 @@ ngx_http_modelcache_zone_store(ngx_http_modelcache_zone_t *zone,
     ngx_http_modelcache_node_t  *node, *old;
 
     size = offsetof(ngx_http_modelcache_node_t, data)
-           + ctx->scope.len + ctx->pass.len + ctx->fetch.len;
+           + ctx->scope.len + ctx->pass.len + ctx->fetch.len + ctx->gz.len;
 
     node = ngx_http_modelcache_zone_alloc(zone, size);
 
@@ -386,7 +386,14 @@ ngx_http_modelcache_zone_store(ngx_http_modelcache_zone_t *zone,
                                       ctx->scope.len);
     p = ngx_http_modelcache_zone_copy(p, ctx->pass.data, ctx->pass.len);
     node->body = p;
-    (void) ngx_http_modelcache_zone_copy(p, ctx->fetch.body, ctx->fetch.len);
+    p = ngx_http_modelcache_zone_copy(p, ctx->fetch.body, ctx->fetch.len);
+
+    if (ctx->gz.len) {
+        node->gz = p;
+        node->gz_len = ctx->gz.len;
+        ngx_memcpy(node->gz_etag, ctx->gz_etag, NGX_HTTP_MODELCACHE_ETAG_LEN);
+        ngx_memcpy(p, ctx->gz.data, ctx->gz.len);
+    }
 
     ngx_shmtx_lock(&zone->shpool->mutex);
 
