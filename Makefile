@@ -5,7 +5,8 @@
 #   make run          the module in front of a demo provider on :8080
 #   make stop         stop what "make run" started
 #   make test         the whole suite under prove
-#   make bench        bench/stampede and bench/expiry, next to proxy_cache
+#   make bench        bench/hits, bench/callgrind-hit, bench/stampede and
+#                     bench/expiry: figures next to nginx's own paths
 #   make asan         the suite against nginx 1.22.1 from Debian's source
 #                     package and the module, both built with ASan + UBSan
 #                     (in build/asan; scripts/asan.sh)
@@ -72,11 +73,20 @@ test: $(MODULE)
 	NGINX_BIN=$(NGINX_BIN) MODELCACHE_MODULE=$(CURDIR)/$(MODULE) \
 	    prove $(PROVE_FLAGS) t/
 
-# the benchmarks print figures (bench/RESULTS.md); expiry needs wrk
+# the benchmarks print figures (bench/RESULTS.md); wrk and valgrind from
+# Debian's archive
+BENCH_PACKAGES := wrk valgrind
+
 bench: $(MODULE)
-	@command -v wrk >/dev/null || { sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	@missing=""; for p in $(BENCH_PACKAGES); do \
+	    command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	    sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
 	    $$sudo env DEBIAN_FRONTEND=noninteractive \
-	        apt-get install -y -qq wrk </dev/null; }
+	        apt-get install -y -qq $$missing </dev/null || exit 1; \
+	fi
+	bench/hits --module $(CURDIR)/$(MODULE)
+	bench/callgrind-hit --module $(CURDIR)/$(MODULE)
 	bench/stampede --module $(CURDIR)/$(MODULE)
 	bench/expiry --module $(CURDIR)/$(MODULE)
 

@@ -69,6 +69,16 @@ typedef struct {
 /* the gzip copy of a list, made once per fetch: gzip -6, as gzip_static's */
 #define NGX_HTTP_MODELCACHE_GZIP_LEVEL     6
 
+/*
+ * What a list entry may keep of derived answers: clients choose variants
+ * freely, and must not push other callers' lists out of the zone with them.
+ * Up to DERIVED_MAX answers of at most DERIVED_RATIO times the list's size
+ * plus DERIVED_SLACK bytes; the oldest make room.
+ */
+#define NGX_HTTP_MODELCACHE_DERIVED_MAX    1024
+#define NGX_HTTP_MODELCACHE_DERIVED_RATIO  4
+#define NGX_HTTP_MODELCACHE_DERIVED_SLACK  65536
+
 /* the cross-worker poll of a waiting request backs off up to this (ms) */
 #define NGX_HTTP_MODELCACHE_WAIT_MAX       4
 
@@ -113,11 +123,13 @@ struct ngx_http_modelcache_node_s {
     u_char                           key[NGX_HTTP_MODELCACHE_KEY_LEN];
     u_char                           etag[NGX_HTTP_MODELCACHE_ETAG_LEN];
     ngx_http_modelcache_node_t      *parent;       /* derived: its list */
-    ngx_queue_t                      children;     /* list: its derived */
+    ngx_queue_t                      children;     /* list: oldest first */
     ngx_queue_t                      sibling;      /* derived: in children */
     unsigned                         dead:1;       /* unlinked, not freed */
     ngx_uint_t                       pins;         /* all, pin[] and more */
     ngx_http_modelcache_pin_t        pin[NGX_HTTP_MODELCACHE_PIN_SLOTS];
+    ngx_uint_t                       nchildren;
+    size_t                           children_size;
     time_t                           fetched;
     time_t                           expires;
     time_t                           accessed;

@@ -468,10 +468,14 @@ ngx_http_modelcache_zone_derived_store(ngx_http_modelcache_zone_t *zone,
     ngx_http_modelcache_node_t *parent, u_char *key, ngx_str_t *body,
     u_char *etag)
 {
+    size_t                       budget;
     time_t                       now;
-    ngx_http_modelcache_node_t  *node;
+    ngx_http_modelcache_node_t  *node, *old;
 
-    if (body->len > zone->max_entry) {
+    budget = NGX_HTTP_MODELCACHE_DERIVED_RATIO * parent->body_len
+             + NGX_HTTP_MODELCACHE_DERIVED_SLACK;
+
+    if (body->len > zone->max_entry || body->len > budget) {
         return;
     }
 
@@ -505,7 +509,20 @@ ngx_http_modelcache_zone_derived_store(ngx_http_modelcache_zone_t *zone,
         goto done;
     }
 
+    /* the list's oldest derived answers make room */
+
+    while (parent->nchildren >= NGX_HTTP_MODELCACHE_DERIVED_MAX
+           || parent->children_size + body->len > budget)
+    {
+        old = ngx_queue_data(ngx_queue_head(&parent->children),
+                             ngx_http_modelcache_node_t, sibling);
+        ngx_http_modelcache_zone_unlink_locked(zone, old);
+        (void) ngx_atomic_fetch_add(&zone->sh->counters.evictions, 1);
+    }
+
     node->parent = parent;
+    parent->nchildren++;
+    parent->children_size += body->len;
     ngx_queue_insert_tail(&parent->children, &node->sibling);
 
     ngx_rbtree_insert(&zone->sh->rbtree, &node->node);
@@ -983,6 +1000,8 @@ ngx_http_modelcache_zone_unlink_locked(ngx_http_modelcache_zone_t *zone,
 
     if (node->parent) {
         ngx_queue_remove(&node->sibling);
+        node->parent->nchildren--;
+        node->parent->children_size -= node->body_len;
         node->parent = NULL;
         zone->sh->derived--;
 
