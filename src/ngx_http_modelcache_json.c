@@ -68,6 +68,8 @@ static ngx_uint_t ngx_http_modelcache_json_key_is(
 static ngx_int_t ngx_http_modelcache_json_list_member(u_char *body,
     size_t len, ngx_str_t *field, ngx_pool_t *pool,
     ngx_http_modelcache_json_member_t *list);
+static ngx_int_t ngx_http_modelcache_json_lookup(
+    ngx_http_modelcache_list_t *l, ngx_http_modelcache_derive_t *d);
 static ngx_int_t ngx_http_modelcache_json_read(
     ngx_http_modelcache_list_t *l, ngx_http_modelcache_answer_t *src,
     ngx_str_t *field);
@@ -212,8 +214,7 @@ ngx_int_t
 ngx_http_modelcache_json_derive(ngx_http_modelcache_derive_t *d,
     ngx_pool_t *pool)
 {
-    u_char                          *dst, *src;
-    ngx_str_t                        id;
+    ngx_int_t                        rc;
     ngx_uint_t                       i, n;
     ngx_http_modelcache_list_t       l;
     ngx_http_modelcache_model_t     *m;
@@ -260,58 +261,72 @@ ngx_http_modelcache_json_derive(ngx_http_modelcache_derive_t *d,
     l.models.nelts = n;
 
     if (d->lookup) {
-        id = *d->lookup;
-
-        for ( ;; ) {
-            for (i = 0; i < n; i++) {
-                if (m[i].id.data && m[i].id.len == id.len
-                    && ngx_memcmp(m[i].id.data, id.data, id.len) == 0)
-                {
-                    d->out.len = ngx_http_modelcache_json_model_size(&m[i]);
-                    d->out.data = ngx_pnalloc(pool, d->out.len);
-                    if (d->out.data == NULL) {
-                        return NGX_ERROR;
-                    }
-
-                    (void) ngx_http_modelcache_json_model_copy(d->out.data,
-                                                               &m[i]);
-                    return NGX_OK;
-                }
-            }
-
-            if (id.data != d->lookup->data
-                || ngx_strlchr(id.data, id.data + id.len, '%') == NULL)
-            {
-                d->param = "model";
-                return NGX_DECLINED;
-            }
-
-            /* as given, then percent-decoded */
-
-            id.data = ngx_pnalloc(pool, d->lookup->len);
-            if (id.data == NULL) {
-                return NGX_ERROR;
-            }
-
-            dst = id.data;
-            src = d->lookup->data;
-            ngx_unescape_uri(&dst, &src, d->lookup->len, 0);
-            id.len = dst - id.data;
-        }
+        return ngx_http_modelcache_json_lookup(&l, d);
     }
 
     if (d->filter && d->filter->set) {
-        switch (ngx_http_modelcache_json_filter(&l, d)) {
-        case NGX_OK:
-            break;
-        case NGX_DECLINED:
-            return NGX_DECLINED;
-        default:
-            return NGX_ERROR;
+        rc = ngx_http_modelcache_json_filter(&l, d);
+        if (rc != NGX_OK) {
+            return rc;
         }
     }
 
     return ngx_http_modelcache_json_write(&l, &d->out);
+}
+
+
+/*
+ * modelcache_lookup: the first model whose identity is the value as given
+ * or, when it holds '%', percent-decoded
+ */
+
+static ngx_int_t
+ngx_http_modelcache_json_lookup(ngx_http_modelcache_list_t *l,
+    ngx_http_modelcache_derive_t *d)
+{
+    u_char                       *dst, *src;
+    ngx_str_t                     id;
+    ngx_uint_t                    i;
+    ngx_http_modelcache_model_t  *m;
+
+    m = l->models.elts;
+    id = *d->lookup;
+
+    for ( ;; ) {
+        for (i = 0; i < l->models.nelts; i++) {
+            if (m[i].id.data && m[i].id.len == id.len
+                && ngx_memcmp(m[i].id.data, id.data, id.len) == 0)
+            {
+                d->out.data = ngx_pnalloc(l->pool,
+                                ngx_http_modelcache_json_model_size(&m[i]));
+                if (d->out.data == NULL) {
+                    return NGX_ERROR;
+                }
+
+                d->out.len = ngx_http_modelcache_json_model_copy(d->out.data,
+                                                                 &m[i])
+                             - d->out.data;
+                return NGX_OK;
+            }
+        }
+
+        if (id.data != d->lookup->data
+            || ngx_strlchr(id.data, id.data + id.len, '%') == NULL)
+        {
+            d->param = "model";
+            return NGX_DECLINED;
+        }
+
+        id.data = ngx_pnalloc(l->pool, d->lookup->len);
+        if (id.data == NULL) {
+            return NGX_ERROR;
+        }
+
+        dst = id.data;
+        src = d->lookup->data;
+        ngx_unescape_uri(&dst, &src, d->lookup->len, 0);
+        id.len = dst - id.data;
+    }
 }
 
 
@@ -373,7 +388,8 @@ ngx_http_modelcache_json_read(ngx_http_modelcache_list_t *l,
         model->label = l->labelled ? &src->label : NULL;
         model->index = l->models.nelts - 1;
 
-        if (model->end == NULL) {
+        /* an empty value: not JSON after all; never loop on it */
+        if (model->end == NULL || model->end == p) {
             return NGX_ERROR;
         }
 
@@ -1311,7 +1327,7 @@ ngx_http_modelcache_json_member(u_char **pp, u_char *end,
     m->value = ngx_http_modelcache_json_ws(p + 1, end);
     m->value_end = ngx_http_modelcache_json_skip(m->value, end);
 
-    if (m->value_end == NULL) {
+    if (m->value_end == NULL || m->value_end == m->value) {
         return NGX_ERROR;
     }
 
