@@ -471,6 +471,8 @@ void ngx_http_modelcache_handler_combine(ngx_http_modelcache_answer_t *a,
     ngx_uint_t n, ngx_http_modelcache_answer_t *out);
 ngx_int_t ngx_http_modelcache_send_not_allowed(ngx_http_request_t *r,
     char *allow);
+ngx_int_t ngx_http_modelcache_add_header(ngx_http_request_t *r,
+    const char *name, ngx_str_t *value, ngx_table_elt_t **hp);
 ngx_str_t *ngx_http_modelcache_log_escape(ngx_pool_t *pool, ngx_str_t *src);
 ngx_int_t ngx_http_modelcache_add_variables(ngx_conf_t *cf);
 

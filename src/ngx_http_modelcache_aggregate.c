@@ -164,7 +164,7 @@ ngx_http_modelcache_aggregate_done(ngx_http_request_t *sr, void *data,
     ngx_http_modelcache_agg_t  *agg;
 
     if (m->done) {
-        return NGX_OK;
+        return sr->connection->error ? rc : NGX_OK;
     }
 
     m->done = 1;
@@ -182,7 +182,8 @@ ngx_http_modelcache_aggregate_done(ngx_http_request_t *sr, void *data,
         (void) ngx_http_post_request(agg->r, NULL);
     }
 
-    return NGX_OK;
+    /* a provider's failure is the merge's to answer; only the client's kills */
+    return sr->connection->error ? rc : NGX_OK;
 }
 
 
@@ -258,10 +259,10 @@ static ngx_int_t
 ngx_http_modelcache_aggregate_partial(ngx_http_request_t *r,
     ngx_http_modelcache_agg_t *agg)
 {
-    u_char           *p;
-    size_t            len;
-    ngx_uint_t        i;
-    ngx_table_elt_t  *h;
+    u_char      *p;
+    size_t       len;
+    ngx_str_t    value;
+    ngx_uint_t   i;
 
     len = 0;
 
@@ -269,29 +270,19 @@ ngx_http_modelcache_aggregate_partial(ngx_http_request_t *r,
         len += agg->members[i].label.len + 1;
     }
 
-    p = ngx_pnalloc(r->pool, len);
-    if (p == NULL) {
+    value.data = ngx_pnalloc(r->pool, len);
+    if (value.data == NULL) {
         return NGX_ERROR;
     }
 
-    h = ngx_list_push(&r->headers_out.headers);
-    if (h == NULL) {
-        return NGX_ERROR;
-    }
-
-    h->hash = 1;
-#if (nginx_version >= 1023000)
-    h->next = NULL;
-#endif
-    ngx_str_set(&h->key, "X-Modelcache-Partial");
-    h->value.data = p;
+    p = value.data;
 
     for (i = 0; i < agg->n; i++) {
         if (agg->members[i].ok) {
             continue;
         }
 
-        if (p != h->value.data) {
+        if (p != value.data) {
             *p++ = ',';
         }
 
@@ -299,9 +290,10 @@ ngx_http_modelcache_aggregate_partial(ngx_http_request_t *r,
                        agg->members[i].label.len);
     }
 
-    h->value.len = p - h->value.data;
+    value.len = p - value.data;
 
-    return NGX_OK;
+    return ngx_http_modelcache_add_header(r, "X-Modelcache-Partial", &value,
+                                          NULL);
 }
 
 

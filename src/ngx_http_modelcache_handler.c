@@ -42,8 +42,6 @@ static ngx_int_t ngx_http_modelcache_send_bad_arg(ngx_http_request_t *r,
     const char *param, const char *message);
 static ngx_int_t ngx_http_modelcache_send_body(ngx_http_request_t *r,
     u_char *body, size_t len);
-static ngx_int_t ngx_http_modelcache_add_header(ngx_http_request_t *r,
-    const char *name, ngx_str_t *value, ngx_table_elt_t **hp);
 static ngx_int_t ngx_http_modelcache_add_status_header(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx);
 static void ngx_http_modelcache_count(ngx_http_modelcache_ctx_t *ctx);
@@ -1246,7 +1244,7 @@ ngx_http_modelcache_log_escape(ngx_pool_t *pool, ngx_str_t *src)
 }
 
 
-static ngx_int_t
+ngx_int_t
 ngx_http_modelcache_add_header(ngx_http_request_t *r, const char *name,
     ngx_str_t *value, ngx_table_elt_t **hp)
 {
