@@ -279,6 +279,9 @@ class Bench:
         self.conf = text
         self.loc_a, self.loc_b = loc_a, loc_b
 
+    def listen_ports(self):
+        return (self.port_a, self.port_b)
+
     def start_nginx(self):
         log = open(self.path("nginx.stderr"), "wb")
         proc = subprocess.Popen(
@@ -291,7 +294,7 @@ class Bench:
         def up():
             if proc.poll() is not None:
                 return "exited"
-            if (port_open(self.port_a) and port_open(self.port_b)
+            if (all(port_open(p) for p in self.listen_ports())
                     and len(self.nginx_workers()) == 2):
                 return "up"
             return None

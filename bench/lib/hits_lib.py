@@ -497,46 +497,14 @@ class HitsEnv:
             raise bl.SetupError("nginx -t failed:\n"
                                 + r.stdout.decode(errors="replace"))
 
-    def start_nginx(self):
-        log = open(self.path("nginx.stderr"), "wb")
-        proc = subprocess.Popen(
-            [self.nginx, "-p", self.dir + "/", "-c", self.path("nginx.conf"),
-             "-e", self.path("error.log")],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
-        self.procs["nginx"] = proc
+    def listen_ports(self):
+        return self.port.values()
 
-        def up():
-            if proc.poll() is not None:
-                return "exited"
-            if (all(bl.port_open(p) for p in self.port.values())
-                    and len(self.nginx_workers()) == 2):
-                return "up"
-            return None
-        state = bl.wait_until(time.monotonic() + 10, up)
-        if state != "up":
-            raise bl.SetupError("nginx %s; error.log:\n%s%s" % (
-                state or "not up with 2 workers in 10 s",
-                self.tail("error.log"), self.tail("nginx.stderr")))
-
-    def nginx_workers(self):
-        """pids of our nginx master's worker processes."""
-        master = self.procs["nginx"].pid
-        kids = []
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                with open("/proc/%s/stat" % pid) as f:
-                    stat = f.read()
-                if int(stat.rsplit(")", 1)[1].split()[1]) != master:
-                    continue
-                with open("/proc/%s/cmdline" % pid, "rb") as f:
-                    if b"worker process" in f.read():
-                        kids.append(int(pid))
-            except (OSError, ValueError, IndexError):
-                continue
-        return kids
+    # benchlib's Bench has the same procs["nginx"] and path(): its helpers
+    start_nginx = bl.Bench.start_nginx
+    nginx_workers = bl.Bench.nginx_workers
+    error_log_problems = bl.Bench.error_log_problems
+    tail = bl.Bench.tail
 
     def stats(self, zone="perentry"):
         """The JSON stats of the perentry zone, or of the models zone."""
@@ -546,20 +514,6 @@ class HitsEnv:
                                     % (self.port["S"], path), 10)
         except (OSError, ValueError) as e:
             raise bl.SetupError("stats location: %s" % e)
-
-    def error_log_problems(self):
-        text = self.tail("error.log", 10 ** 7)
-        return [l for l in text.splitlines()
-                if "[alert]" in l or "[emerg]" in l or "[crit]" in l
-                or "exited on signal" in l]
-
-    def tail(self, name, limit=3000):
-        try:
-            with open(self.path(name), "rb") as f:
-                data = f.read()
-        except OSError:
-            return ""
-        return data[-limit:].decode(errors="replace")
 
     # -- teardown --
 
