@@ -467,8 +467,6 @@ ngx_int_t ngx_http_modelcache_send_json_error(ngx_http_request_t *r,
 ngx_int_t ngx_http_modelcache_handler_derive(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx, ngx_http_modelcache_answer_t *a,
     ngx_uint_t n);
-void ngx_http_modelcache_handler_combine(ngx_http_modelcache_answer_t *a,
-    ngx_uint_t n, ngx_http_modelcache_answer_t *out);
 ngx_int_t ngx_http_modelcache_send_not_allowed(ngx_http_request_t *r,
     char *allow);
 ngx_int_t ngx_http_modelcache_add_header(ngx_http_request_t *r,

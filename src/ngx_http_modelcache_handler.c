@@ -33,6 +33,9 @@ static ngx_int_t ngx_http_modelcache_send_answer(ngx_http_request_t *r,
 static ngx_int_t ngx_http_modelcache_send_stored(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx, ngx_http_modelcache_answer_t *a);
 static ngx_int_t ngx_http_modelcache_send_gzip(ngx_http_request_t *r);
+static void ngx_http_modelcache_handler_combine(
+    ngx_http_modelcache_answer_t *a, ngx_uint_t n,
+    ngx_http_modelcache_answer_t *out);
 static ngx_int_t ngx_http_modelcache_derive_build(ngx_http_request_t *r,
     ngx_http_modelcache_ctx_t *ctx, ngx_http_modelcache_derive_t *d,
     ngx_http_modelcache_answer_t *out);
@@ -759,7 +762,7 @@ ngx_http_modelcache_derive_build(ngx_http_request_t *r,
 
 /* what n answers merged say: the oldest age, the soonest expiry */
 
-void
+static void
 ngx_http_modelcache_handler_combine(ngx_http_modelcache_answer_t *a,
     ngx_uint_t n, ngx_http_modelcache_answer_t *out)
 {

@@ -953,7 +953,8 @@ ngx_http_modelcache_json_write(ngx_http_modelcache_list_t *l, ngx_str_t *out)
 
     len = sizeof("{\"object\":\"list\",\"data\":[]}") - 1
           + (l->envelope_end - l->envelope)
-          + sizeof(",\"has_more\":false,\"first_id\":,\"last_id\":") - 1
+          + sizeof(",\"has_more\":false,\"first_id\":null,"
+                   "\"last_id\":null") - 1
           + sizeof(",\"nextPageToken\":") - 1;
 
     for (i = 0; i < l->models.nelts; i++) {
