@@ -49,6 +49,16 @@ show() {
         | tr -d '\r'
 }
 
+body() {
+    echo
+    printf '$ curl'; printf " %q" "$@"; echo
+    curl -s "$@" | python3 -c 'import json, sys
+d = json.load(sys.stdin)
+if "data" in d:
+    d["data"] = [m["id"] for m in d["data"]]
+print(json.dumps(d))'
+}
+
 start() {
     stop
     mkdir -p "$dir"
@@ -76,6 +86,10 @@ start() {
     echo; echo "# the next ones are answered from shared memory:"
     show -H 'Authorization: Bearer demo-key' "$url/v1/models"
     show -H 'Authorization: Bearer demo-key' "$url/v1/models"
+    echo; echo "# one model, and a filtered page (models shown by id), from the same entry:"
+    body -H 'Authorization: Bearer demo-key' "$url/v1/models/gpt-4o"
+    body -H 'Authorization: Bearer demo-key' \
+        "$url/v1/models?q=gpt-4o&sort=-created&limit=2"
     echo; echo "# another key or profile is another entry:"
     show -H 'Authorization: Bearer other-key' -H 'X-Profile: team-b' \
         "$url/v1/models"
