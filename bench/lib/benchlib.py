@@ -368,7 +368,7 @@ class Bench:
 
     def stop(self):
         """Stop what we started, by pid: nginx (QUIT, then TERM/KILL), mocks."""
-        for name in ("nginx", "mock_a", "mock_b"):
+        for name in sorted(self.procs, key=lambda n: n != "nginx"):
             proc = self.procs.pop(name, None)
             if proc is None or proc.poll() is not None:
                 continue
@@ -381,6 +381,8 @@ class Bench:
                     break
                 except subprocess.TimeoutExpired:
                     continue
+        if self.dir is None:
+            return
         if self.keep:
             print("kept %s" % self.dir)
         else:

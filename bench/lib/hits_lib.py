@@ -517,24 +517,4 @@ class HitsEnv:
 
     # -- teardown --
 
-    def stop(self):
-        """Stop what we started, by pid: nginx (QUIT, then TERM, KILL), mock."""
-        for name in ("nginx", "mock"):
-            proc = self.procs.pop(name, None)
-            if proc is None or proc.poll() is not None:
-                continue
-            first = signal.SIGQUIT if name == "nginx" else signal.SIGTERM
-            for sig, wait in ((first, 5), (signal.SIGTERM, 3),
-                              (signal.SIGKILL, 3)):
-                try:
-                    proc.send_signal(sig)
-                    proc.wait(wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        if self.dir is None:
-            return
-        if self.keep:
-            print("kept %s" % self.dir)
-        else:
-            shutil.rmtree(self.dir, ignore_errors=True)
+    stop = bl.Bench.stop
