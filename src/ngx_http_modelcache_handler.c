@@ -745,15 +745,24 @@ ngx_http_modelcache_derive_build(ngx_http_request_t *r,
     out->etag = etag;
     out->gz_len = 0;
 
-    /* kept with a list entry it came from; a list fetched now is not one */
+    /*
+     * kept with a stored list it came from (a list fetched now is not one):
+     * the largest, whose budget a merge fits best
+     */
+
+    node = NULL;
 
     for (i = 0; i < d->nsources; i++) {
-        if (d->sources[i].node) {
-            ngx_http_modelcache_zone_derived_store(ctx->zone,
-                                                   d->sources[i].node, key,
-                                                   &d->out, etag);
-            break;
+        if (d->sources[i].node
+            && (node == NULL || d->sources[i].node->body_len > node->body_len))
+        {
+            node = d->sources[i].node;
         }
+    }
+
+    if (node) {
+        ngx_http_modelcache_zone_derived_store(ctx->zone, node, key, &d->out,
+                                               etag);
     }
 
     return NGX_OK;

@@ -41,6 +41,13 @@ $t->write_conf(<<'EOF');
             modelcache_lookup $id;
         }
 
+        # a small list first, a 1 MB one second
+        location = /merged {
+            modelcache      models;
+            modelcache_pass /_provider/api/tags provider=ollama;
+            modelcache_pass /_provider/openrouter/api/v1/models provider=openrouter;
+        }
+
         location = /purge {
             modelcache_purge models;
         }
@@ -130,5 +137,24 @@ my $r = $t->http('DELETE', '/purge');
 is($r->{content}, qq({"purged":1}\n), 'purge: one entry (derived answers are not entries)');
 is(stats()->{derived}, 0, 'purged: its derived answers went with it');
 is(stats()->{entries}, 0, 'purged: no entry');
+
+# ---- a merge is kept with its largest list, within that list's budget -------------
+
+my $m1 = get_ok('/merged', 'merged, cold');
+is($m1->{headers}{'x-modelcache-status'}, 'MISS', 'merged, cold: MISS');
+cmp_ok(length $m1->{content}, '>', 1_000_000, 'merged: over 1 MB');
+
+my $s6 = stats();
+my $m2 = get_ok('/merged', 'merged, warm');
+my $s7 = stats();
+is($s7->{derived_builds} - $s6->{derived_builds}, 1, 'merged, warm: built once');
+
+my $m3 = get_ok('/merged', 'merged, again');
+my $s8 = stats();
+is($s8->{derived_builds}, $s7->{derived_builds},
+   'merged, again: not rebuilt (kept with the 1 MB list, not the 6 KB one)');
+is($s8->{derived_hits} - $s7->{derived_hits}, 1, 'merged, again: a derived hit');
+ok($m3->{content} eq $m1->{content} && $m2->{content} eq $m1->{content},
+   'merged: the same bytes each time');
 
 $t->done_testing;
