@@ -207,24 +207,9 @@ class Bench:
             "            add_header X-Cache-Status $upstream_cache_status always;\n"
             "            add_header X-Worker $pid always;\n"
             "        }\n") % (self.mock_b, ttl)
-        text = (
-            "load_module %(module)s;\n"
-            "worker_processes 2;\n"
-            "worker_rlimit_nofile 8192;\n"
-            "daemon off;\n"
-            "master_process on;\n"
-            "pid %(d)s/nginx.pid;\n"
-            "error_log %(d)s/error.log notice;\n"
-            "events { worker_connections 4096; }\n"
-            "http {\n"
+        text = nginx_conf_head(self.module, d) + (
             "    log_format bench '$msec $status $request_time $body_bytes_sent '\n"
             "                     'mc=$modelcache_status pc=$upstream_cache_status';\n"
-            "    client_body_temp_path %(d)s/client_body;\n"
-            "    proxy_temp_path %(d)s/proxy_temp;\n"
-            "    fastcgi_temp_path %(d)s/fastcgi_temp;\n"
-            "    uwsgi_temp_path %(d)s/uwsgi_temp;\n"
-            "    scgi_temp_path %(d)s/scgi_temp;\n"
-            "    keepalive_requests 1000000;\n"
             "\n"
             "    modelcache_zone zone=models:32m;\n"
             "    proxy_cache_path %(d)s/pcache levels=1:2 keys_zone=pc:32m;\n"
@@ -240,7 +225,7 @@ class Bench:
             "        access_log %(d)s/b.access.log bench;\n"
             "%(loc_b)s"
             "    }\n"
-            "}\n") % {"module": self.module, "d": d, "pa": self.port_a,
+            "}\n") % {"d": d, "pa": self.port_a,
                       "pb": self.port_b, "loc_a": loc_a, "loc_b": loc_b}
         return text, loc_a, loc_b
 
@@ -387,6 +372,27 @@ class Bench:
             print("kept %s" % self.dir)
         else:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def nginx_conf_head(module, d):
+    """The main context and the start of http {} of every bench nginx.conf:
+    master + 2 workers in the foreground, logs and temp files in d."""
+    return (
+        "load_module %(module)s;\n"
+        "worker_processes 2;\n"
+        "worker_rlimit_nofile 8192;\n"
+        "daemon off;\n"
+        "master_process on;\n"
+        "pid %(d)s/nginx.pid;\n"
+        "error_log %(d)s/error.log notice;\n"
+        "events { worker_connections 4096; }\n"
+        "http {\n"
+        "    client_body_temp_path %(d)s/client_body;\n"
+        "    proxy_temp_path %(d)s/proxy_temp;\n"
+        "    fastcgi_temp_path %(d)s/fastcgi_temp;\n"
+        "    uwsgi_temp_path %(d)s/uwsgi_temp;\n"
+        "    scgi_temp_path %(d)s/scgi_temp;\n"
+        "    keepalive_requests 1000000;\n") % {"module": module, "d": d}
 
 
 def add_common_args(p):

@@ -461,30 +461,14 @@ class HitsEnv:
             "%s"
             "    }\n" % (name, self.port[name], self.blocks[name])
             for name in self.SERVERS)
-        text = (
-            "load_module %(module)s;\n"
-            "worker_processes 2;\n"
-            "worker_rlimit_nofile 8192;\n"
-            "daemon off;\n"
-            "master_process on;\n"
-            "pid %(d)s/nginx.pid;\n"
-            "error_log %(d)s/error.log notice;\n"
-            "events { worker_connections 4096; }\n"
-            "http {\n"
+        text = bl.nginx_conf_head(self.module, d) + (
             "    access_log off;\n"
-            "    client_body_temp_path %(d)s/client_body;\n"
-            "    proxy_temp_path %(d)s/proxy_temp;\n"
-            "    fastcgi_temp_path %(d)s/fastcgi_temp;\n"
-            "    uwsgi_temp_path %(d)s/uwsgi_temp;\n"
-            "    scgi_temp_path %(d)s/scgi_temp;\n"
-            "    keepalive_requests 1000000;\n"
             "\n"
             "    modelcache_zone zone=models:32m;\n"
             "    modelcache_zone zone=perentry:%(perentry)s;\n"
             "    proxy_cache_path %(d)s/pcache levels=1:2 keys_zone=pc:10m;\n"
             "%(servers)s"
-            "}\n") % {"module": self.module, "d": d, "servers": servers,
-                      "perentry": PERENTRY_ZONE}
+            "}\n") % {"d": d, "servers": servers, "perentry": PERENTRY_ZONE}
         conf = self.path("nginx.conf")
         with open(conf, "w") as f:
             f.write(text)
